@@ -1,0 +1,51 @@
+"""One exception hierarchy for sva.
+
+Every error names its source (a target, a file, an address) so the CLI can print one
+clear line. Library code raises these; only the CLI turns them into exit statuses.
+"""
+
+from __future__ import annotations
+
+
+class SvaError(Exception):
+    """Root of all errors sva reports to a user."""
+
+
+class ConfigError(SvaError):
+    """A bad configuration value or command-line argument."""
+
+
+class TargetError(SvaError):
+    """A VMI target cannot be opened or used (bad spec, missing socket, wrong options)."""
+
+    def __init__(self, target: str, message: str) -> None:
+        super().__init__(f"{target}: {message}")
+        self.target = target
+        self.reason = message
+
+
+class QmpError(TargetError):
+    """The QEMU monitor failed, refused a command, or went away."""
+
+
+class MemoryAccessError(SvaError):
+    """A guest-physical read outside guest RAM, or through a vanished mapping."""
+
+    def __init__(self, gpa: int, size: int, message: str) -> None:
+        super().__init__(f"guest-physical 0x{gpa:x}+0x{size:x}: {message}")
+        self.gpa = gpa
+        self.size = size
+
+
+class SnapshotFormatError(SvaError):
+    """A memory snapshot file is truncated, corrupt or of an unknown format."""
+
+    def __init__(self, path: str, message: str, offset: int | None = None) -> None:
+        where = f"{path}" if offset is None else f"{path} at offset 0x{offset:x}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.offset = offset
+
+
+class LabError(SvaError):
+    """A lab guest could not be built, started, reached or stopped."""

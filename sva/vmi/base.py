@@ -1,0 +1,339 @@
+"""The VMI access layer's core types: memory map, registers, capabilities, Backend.
+
+A backend knows how to read bytes and vCPU state from one guest. It knows nothing
+about operating systems. Everything above it (volatility3 layers, scanners, the lab
+tests) uses only the `Backend` protocol defined here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from sva.errors import MemoryAccessError, SvaError, TargetError
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A run of guest-physical addresses stored contiguously in the backing."""
+
+    gpa: int  # first guest-physical address
+    size: int  # bytes
+    offset: int  # offset of `gpa` inside the backing file/mapping
+    name: str = "ram"
+
+    @property
+    def end(self) -> int:
+        """One past the last guest-physical address."""
+        return self.gpa + self.size
+
+
+class MemoryMap:
+    """Sorted, non-overlapping guest-physical regions and their backing offsets."""
+
+    def __init__(self, regions: list[MemoryRegion] | tuple[MemoryRegion, ...]) -> None:
+        ordered = sorted((r for r in regions if r.size > 0), key=lambda r: r.gpa)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.gpa < a.end:
+                raise SvaError(
+                    f"memory map: region {b.name}@0x{b.gpa:x} overlaps {a.name}@0x{a.gpa:x}+0x{a.size:x}"
+                )
+        for r in ordered:
+            if r.gpa < 0 or r.offset < 0:
+                raise SvaError(f"memory map: negative address in region {r}")
+        self.regions: tuple[MemoryRegion, ...] = tuple(ordered)
+        self._starts = [r.gpa for r in self.regions]
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self.regions)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MemoryMap) and self.regions == other.regions
+
+    def __repr__(self) -> str:
+        return f"MemoryMap({list(self.regions)!r})"
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of guest RAM covered by the map."""
+        return sum(r.size for r in self.regions)
+
+    @property
+    def end(self) -> int:
+        """One past the highest guest-physical address covered."""
+        return self.regions[-1].end if self.regions else 0
+
+    def region_of(self, gpa: int) -> MemoryRegion | None:
+        """The region holding `gpa`, or None when it falls in a hole."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and gpa < self.regions[i].end:
+            return self.regions[i]
+        return None
+
+    def translate(self, gpa: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
+        """Split [gpa, gpa+size) into (region, backing offset, length) pieces.
+
+        Raises MemoryAccessError when any byte of the range is not guest RAM.
+        """
+        if size < 0 or gpa < 0:
+            raise MemoryAccessError(gpa, max(size, 0), "negative address or size")
+        pieces: list[tuple[MemoryRegion, int, int]] = []
+        cur, left = gpa, size
+        while left > 0:
+            region = self.region_of(cur)
+            if region is None:
+                raise MemoryAccessError(gpa, size, f"0x{cur:x} is not guest RAM")
+            n = min(left, region.end - cur)
+            pieces.append((region, region.offset + (cur - region.gpa), n))
+            cur += n
+            left -= n
+        return pieces
+
+    def to_json(self) -> list[dict[str, int | str]]:
+        return [
+            {"gpa": r.gpa, "size": r.size, "offset": r.offset, "name": r.name} for r in self.regions
+        ]
+
+
+@dataclass(frozen=True)
+class Registers:
+    """The state of one vCPU that introspection needs."""
+
+    vcpu: int
+    rip: int
+    rsp: int
+    rflags: int
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    efer: int
+    idtr_base: int
+    idtr_limit: int
+    gdtr_base: int
+    gdtr_limit: int
+    # General-purpose and segment registers, where the source provides them.
+    extra: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, int]:
+        base = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        return {**base, **self.extra}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do. The appliance never writes: `write` is always False."""
+
+    live: bool
+    pause: bool
+    registers: bool
+    write: bool = False
+
+    def to_json(self) -> dict[str, bool]:
+        return {"live": self.live, "pause": self.pause, "registers": self.registers, "write": self.write}
+
+
+@dataclass
+class PauseRecord:
+    """How long the guest stayed paused inside one `frozen()` block."""
+
+    started: float = 0.0
+    seconds: float | None = None  # set when the guest runs again
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One guest's memory and vCPU state, read-only."""
+
+    target: str
+    capabilities: Capabilities
+    memory_map: MemoryMap
+
+    @property
+    def memory_size(self) -> int: ...
+
+    @property
+    def vcpu_count(self) -> int: ...
+
+    def read(self, gpa: int, size: int) -> bytes: ...
+
+    def readinto(self, gpa: int, buf: bytearray | memoryview) -> int: ...
+
+    def view(self, gpa: int, size: int) -> memoryview: ...
+
+    def regs(self, vcpu: int = 0) -> Registers: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def frozen(self) -> contextlib.AbstractContextManager[PauseRecord]: ...
+
+    def close(self) -> None: ...
+
+
+MAX_READ = 1 << 30  # one read() call never copies more than 1 GiB
+
+
+class MappedBackend:
+    """Shared logic for backends whose RAM is a read-only mapped file.
+
+    `read`/`readinto` use pread on a read-only descriptor: a file that shrinks under us
+    (a dying QEMU, a truncated snapshot) gives a clean error instead of SIGBUS.
+    `view` hands out zero-copy read-only memoryviews of the mapping for bulk scans.
+    """
+
+    capabilities = Capabilities(live=False, pause=False, registers=False)
+
+    def __init__(self, target: str, path: str, memory_map: MemoryMap) -> None:
+        self.target = target
+        self.path = path
+        self.memory_map = memory_map
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise TargetError(target, f"cannot open {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(self._fd)
+            self._file_size = st.st_size
+            need = max((r.offset + r.size for r in memory_map), default=0)
+            if need > st.st_size:
+                raise TargetError(
+                    target,
+                    f"{path} holds {st.st_size} bytes but the memory map needs {need}",
+                )
+            self._mmap: mmap.mmap | None = (
+                mmap.mmap(self._fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                if st.st_size
+                else None
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._mv = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+        self._closed = False
+
+    # -- memory ---------------------------------------------------------------
+    @property
+    def memory_size(self) -> int:
+        return self.memory_map.total_size
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TargetError(self.target, "backend is closed")
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """Copy `size` bytes at guest-physical `gpa`."""
+        if size > MAX_READ:
+            raise MemoryAccessError(gpa, size, f"read larger than {MAX_READ} bytes refused")
+        buf = bytearray(size)
+        self.readinto(gpa, buf)
+        return bytes(buf)
+
+    def readinto(self, gpa: int, buf: bytearray | memoryview) -> int:
+        """Fill `buf` from guest-physical `gpa`; returns len(buf) or raises."""
+        self._check_open()
+        out = memoryview(buf).cast("B")
+        pos = 0
+        for _region, off, n in self.memory_map.translate(gpa, len(out)):
+            while n > 0:
+                try:
+                    got = os.preadv(self._fd, [out[pos : pos + n]], off)
+                except OSError as e:
+                    raise MemoryAccessError(gpa, len(out), f"read failed: {e.strerror}") from None
+                if got <= 0:
+                    raise MemoryAccessError(
+                        gpa, len(out), f"backing file {self.path} ended at offset 0x{off:x}"
+                    )
+                pos += got
+                off += got
+                n -= got
+        return pos
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy read-only view of [gpa, gpa+size), which must lie in one region."""
+        self._check_open()
+        pieces = self.memory_map.translate(gpa, size)
+        if len(pieces) > 1:
+            raise MemoryAccessError(gpa, size, "range spans more than one memory region")
+        if not pieces:
+            return memoryview(b"")
+        _region, off, n = pieces[0]
+        # A backing file that shrank since we opened it would SIGBUS on access.
+        if off + n > os.fstat(self._fd).st_size:
+            raise MemoryAccessError(gpa, size, f"backing file {self.path} shrank")
+        return self._mv[off : off + n]
+
+    def region_views(self) -> Iterator[tuple[MemoryRegion, memoryview]]:
+        """Each region with a zero-copy view of its bytes, for bulk scans."""
+        for region in self.memory_map:
+            yield region, self.view(region.gpa, region.size)
+
+    # -- vCPU and execution control (overridden by live backends) ---------------
+    @property
+    def vcpu_count(self) -> int:
+        return 0
+
+    def regs(self, vcpu: int = 0) -> Registers:
+        raise TargetError(self.target, "this target has no vCPU registers")
+
+    def pause(self) -> None:
+        raise TargetError(self.target, "this target cannot be paused")
+
+    def resume(self) -> None:
+        raise TargetError(self.target, "this target cannot be resumed")
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[PauseRecord]:
+        """Pause the guest for the block and always resume it, whatever happens.
+
+        For targets that do not run (snapshots) this is a no-op with a zero pause.
+        """
+        rec = PauseRecord(started=time.monotonic())
+        if not self.capabilities.pause:
+            rec.seconds = 0.0
+            yield rec
+            return
+        self.pause()
+        t0 = time.perf_counter()
+        try:
+            yield rec
+        finally:
+            # Resume even on KeyboardInterrupt/GeneratorExit; a second Ctrl-C during
+            # the resume itself is the only way to leave the guest stopped.
+            self.resume()
+            rec.seconds = time.perf_counter() - t0
+
+    # -- lifetime ---------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._mv.release()
+        except BufferError:
+            pass
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # A caller still holds a view; the mapping goes when it is released.
+                pass
+        os.close(self._fd)
+
+    def __enter__(self) -> MappedBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
