@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install everything sva needs on a Debian 12 host, as root: system packages from apt and
+# a Python virtual environment in .venv with sva and its dependencies. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86      # the lab guests and the QEMU live target
+  busybox-static cpio  # the lab guests' initramfs
+  zstd xz-utils        # kernel modules may be compressed
+  libglib2.0-0         # needed by the libvmi wheel
+  python3 python3-venv python3-dev gcc
+  iproute2 ca-certificates
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: run as root (apt-get and QEMU lab guests need it)" >&2
+  exit 2
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# apt-get download (used for the lab kernel) needs fresh package lists in any case.
+echo "setup: apt-get update"
+apt-get update -q >/tmp/sva-apt-update.log 2>&1 || { cat /tmp/sva-apt-update.log >&2; exit 1; }
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+echo "setup: installing sva and its Python dependencies into .venv"
+.venv/bin/python -m pip install -q -e '.[test,libvmi]'
+.venv/bin/sva --version

@@ -1,0 +1,5 @@
+import sys
+
+from sva.cli import main
+
+sys.exit(main())
