@@ -1,0 +1,1 @@
+"""sva detectors: one module per detector (added by the detection-engine work)."""
