@@ -49,3 +49,18 @@ class SnapshotFormatError(SvaError):
 
 class LabError(SvaError):
     """A lab guest could not be built, started, reached or stopped."""
+
+
+class SymbolsError(SvaError):
+    """Kernel type or symbol data (BTF, a kernel image) is missing, corrupt or unusable."""
+
+    def __init__(self, source: str, message: str, offset: int | None = None) -> None:
+        where = source if offset is None else f"{source} at offset 0x{offset:x}"
+        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.offset = offset
+        self.reason = message
+
+
+class BusError(SvaError):
+    """The alert bus cannot journal, publish, authenticate or replay (names the journal, key or endpoint)."""
