@@ -227,26 +227,45 @@ class QemuBackend(MappedBackend):
     def resume(self) -> None:
         self.qmp.execute("cont")
 
+    def _stop_if_running(self) -> bool:
+        """Stop the guest; True if it was running, i.e. if we are the ones who stopped it.
+
+        QEMU raises a STOP event only when the run state changes, and sends it before the
+        reply to `stop`. Seeing it costs no extra round trip; not seeing it falls back to
+        asking, and any late STOP event reaches us before that answer.
+        """
+        self.qmp.execute("stop")
+        if any(e.get("event") == "STOP" for e in self.qmp.last_events):
+            return True
+        status = self.qmp.execute("query-status")
+        if any(e.get("event") == "STOP" for e in self.qmp.last_events):
+            return True
+        if status.get("running", False):
+            # Someone resumed it between our two commands: stop it again, ours now.
+            self.qmp.execute("stop")
+            return True
+        return False
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[PauseRecord]:
         """Pause for the block and always resume after, also on error or Ctrl-C.
 
         A guest that was already paused (by an admin, or by a nested freeze) stays
-        paused: we only resume what we stopped.
+        paused: we only resume what we stopped. `seconds` spans from sending `stop` to
+        the reply to `cont`, an upper bound of the time the guest stood still.
         """
         rec = PauseRecord(started=time.monotonic())
-        running = self.qmp.execute("query-status").get("running", False)
-        if not running:
-            rec.seconds = 0.0
-            yield rec
-            return
         t0 = time.perf_counter()
+        stopped_by_us = False
         try:
-            self.pause()
+            stopped_by_us = self._stop_if_running()
             yield rec
         finally:
-            self.resume()
-            rec.seconds = time.perf_counter() - t0
+            if stopped_by_us:
+                self.resume()
+                rec.seconds = time.perf_counter() - t0
+            else:
+                rec.seconds = 0.0
 
     def close(self) -> None:
         self.qmp.close()

@@ -29,6 +29,9 @@ class QmpClient:
         self.path = path
         self.timeout = timeout
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        # Events that arrived while waiting for the most recent reply. QEMU sends an
+        # event raised by a command (e.g. STOP from `stop`) before that command's reply.
+        self.last_events: list[dict[str, Any]] = []
         self._buf = b""
         self._sock: socket.socket | None = None
         self.version: dict[str, Any] = {}
@@ -131,10 +134,12 @@ class QmpClient:
         except OSError as e:
             self.close()
             raise self._fail(f"cannot send {command!r} ({e.strerror or e}); did QEMU exit?") from None
+        self.last_events = []
         while True:
             msg = self._read_message(f"no reply to {command!r} within {self.timeout:g} s")
             if "event" in msg:
                 self.events.append(msg)
+                self.last_events.append(msg)
                 continue
             if "error" in msg:
                 err = msg["error"]
