@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,19 @@ class BareVm:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+def _accepts(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 @pytest.fixture
@@ -55,7 +69,9 @@ def bare_vm(tmp_path: Path) -> Iterator[Callable[..., BareVm]]:
             mem_path = None
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
-        while not os.path.exists(qmp):
+        # Ready means: the monitor accepts a connection (the socket file appears at bind(),
+        # before listen()) and the RAM file exists.
+        while not (_accepts(qmp) and (mem_path is None or os.path.exists(mem_path))):
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode() if proc.stderr else ""
                 proc.kill()
