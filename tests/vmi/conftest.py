@@ -65,6 +65,7 @@ def bare_vm(tmp_path: Path) -> Iterator[Callable[..., BareVm]]:
         elif ram == "dir":
             args[2] = "q35,accel=tcg,memory-backend=ram0"
             args += ["-object", f"memory-backend-file,id=ram0,size={mem},mem-path={tmp_path},share=on"]
+            mem_path = None  # QEMU makes an anonymous file in that directory
         else:
             mem_path = None
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -73,8 +74,8 @@ def bare_vm(tmp_path: Path) -> Iterator[Callable[..., BareVm]]:
         # before listen()) and the RAM file exists.
         while not (_accepts(qmp) and (mem_path is None or os.path.exists(mem_path))):
             if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                proc.kill()
+                proc.kill()  # before reading stderr, which blocks while QEMU lives
+                err = proc.communicate(timeout=10)[1].decode(errors="replace")
                 pytest.fail(f"bare QEMU did not start: {err}")
             time.sleep(0.02)
         vm = BareVm(proc, qmp, mem_path)
