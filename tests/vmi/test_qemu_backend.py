@@ -208,3 +208,28 @@ def test_open_target_bare_path_is_detected(bare_vm) -> None:
         assert isinstance(b, QemuBackend)
     with pytest.raises(SvaError):
         open_target("/nonexistent/definitely")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x7fELF" + b"\x02\x01\x01" + b"\x00" * 9, b"EMiL\x01\x00\x00\x00" + b"\xff" * 20, os.urandom(5000)],
+    ids=["empty", "truncated-elf", "truncated-lime", "random-bytes"],
+)
+def test_cli_refuses_bad_snapshot_files(tmp_path: Path, content: bytes) -> None:
+    f = tmp_path / "bad.img"
+    f.write_bytes(content)
+    assert_clean_error(run_cli("info", f"file:{f}"), str(f))
+    assert_clean_error(run_cli("snapshot", f"file:{f}", str(tmp_path / "out.raw")), str(f))
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_cli_snapshot_of_a_snapshot_round_trips(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(64 * 4096))
+    res = run_cli("snapshot", f"file:{src}", str(tmp_path / "copy.elf"), "--format", "elf")
+    assert res.returncode == 0, res.stderr
+    assert "guest paused 0.0 ms" in res.stdout
+    with open_target(f"file:{tmp_path / 'copy.elf'}") as b:
+        assert b.read(0, 64 * 4096) == src.read_bytes()
+    missing_dir = tmp_path / "no" / "such" / "dir" / "x.raw"
+    assert_clean_error(run_cli("snapshot", f"file:{src}", str(missing_dir)), str(missing_dir))
