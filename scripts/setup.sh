@@ -38,4 +38,13 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 echo "setup: installing sva and its Python dependencies into .venv"
 .venv/bin/python -m pip install -q -e '.[test,libvmi]'
+# --- alert bus (sva/bus): Node.js + npm for the example subscriber in examples/node-subscriber,
+# which tests/bus runs (its test installs the npm packages into that directory's node_modules).
+# Commands are checked rather than packages: a nodejs build that bundles npm is fine too.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs npm (alert bus example subscriber)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
+fi
+# --- end alert bus
+
 .venv/bin/sva --version
