@@ -5,6 +5,8 @@ Targets are strings:
   lab:NAME                 a running lab guest (resolved to its QMP socket)
   file:/path               a snapshot, format detected (raw, QEMU ELF core, LiME)
   raw:/path, elf:/path, lime:/path   a snapshot of that format
+  libvmi:DOMAIN            a Xen domain through LibVMI (needs the libvmi extra)
+  libvmi+file:/path        a raw image through LibVMI's File driver
 A bare path is taken as qemu: when it is a unix socket and as file: otherwise.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from sva.errors import TargetError
 from sva.vmi.base import (
@@ -24,8 +27,12 @@ from sva.vmi.base import (
     Registers,
 )
 
+if TYPE_CHECKING:
+    from sva.vmi.libvmi_backend import LibvmiBackend
+
 SNAPSHOT_SCHEMES = {"file": "auto", "raw": "raw", "elf": "elf", "lime": "lime"}
-SCHEMES = ("qemu", "lab", *SNAPSHOT_SCHEMES)
+LIBVMI_SCHEMES = ("libvmi", "libvmi+file")
+SCHEMES = ("qemu", "lab", *SNAPSHOT_SCHEMES, *LIBVMI_SCHEMES)
 
 __all__ = [
     "Backend",
@@ -39,7 +46,7 @@ __all__ = [
 ]
 
 
-def open_target(spec: str, timeout: float = 5.0) -> MappedBackend:
+def open_target(spec: str, timeout: float = 5.0) -> MappedBackend | LibvmiBackend:
     """Open a VMI target string (see the module doc) as a read-only backend."""
     if not spec:
         raise TargetError("''", "empty target; use qemu:SOCKET, lab:NAME or file:PATH")
@@ -53,7 +60,7 @@ def open_target(spec: str, timeout: float = 5.0) -> MappedBackend:
             ) from None
         scheme, rest = ("qemu" if is_sock else "file"), spec
     if not rest:
-        raise TargetError(spec, f"{scheme}: needs a {'name' if scheme == 'lab' else 'path'}")
+        raise TargetError(spec, f"{scheme}: needs a {'name' if scheme in ('lab', 'libvmi') else 'path'}")
     if scheme == "qemu":
         from sva.vmi.qemu import QemuBackend
 
@@ -63,6 +70,10 @@ def open_target(spec: str, timeout: float = 5.0) -> MappedBackend:
         from sva.vmi.qemu import QemuBackend
 
         return QemuBackend(lab.get(rest).qmp_path, target=spec, timeout=timeout)
+    if scheme in LIBVMI_SCHEMES:
+        from sva.vmi.libvmi_backend import open_libvmi_target
+
+        return open_libvmi_target(scheme, rest, target=spec, timeout=timeout)
     from sva.vmi.snapshot import open_snapshot
 
     return open_snapshot(rest, target=spec, format=SNAPSHOT_SCHEMES[scheme])
