@@ -64,3 +64,43 @@ class SymbolsError(SvaError):
 
 class BusError(SvaError):
     """The alert bus cannot journal, publish, authenticate or replay (names the journal, key or endpoint)."""
+
+
+class RulesError(SvaError):
+    """A rules file is invalid: prints as `file:line: what is wrong`.
+
+    `errors` holds every problem found in the same load (this one first), so a checker can
+    report them all at once.
+    """
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.reason = message
+        self.errors: tuple[RulesError, ...] = (self,)
+
+
+class DetectorError(SvaError):
+    """A detector cannot be loaded, or broke its contract (names the detector)."""
+
+    def __init__(self, detector: str, message: str) -> None:
+        super().__init__(f"detector {detector}: {message}")
+        self.detector = detector
+        self.reason = message
+
+
+class SignatureError(SvaError):
+    """A signature (YARA rule) file cannot be loaded: prints as `file:line: what is wrong`.
+
+    `errors` holds every problem found in the same load (this one first).
+    """
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.reason = message
+        self.errors: tuple[SignatureError, ...] = (self,)
