@@ -1,0 +1,89 @@
+"""Fact providers backed by volatility3: the bridge from a guest to the detectors.
+
+`GuestSession` holds the one `GuestContext` of the current guest boot. It is built on
+first use (symbols from cache or the guest's own RAM), kept across cycles, and rebuilt
+when the guest reboots (a different kernel banner or KASLR placement). Providers read it
+through `session.context_for(ctx)`; they return immutable values, as the fact contract
+requires, because detectors run after the guest is thawed.
+
+Facts provided here:
+  boot_id          str: banner hash + KASLR placement of this boot
+  processes        tuple[ProcessInfo, ...] from the kernel's task list (with argv, exe)
+  kernel_modules   tuple[KernelModule, ...] from the kernel's module list
+Detector authors add providers of their own with `session.provider(name, fn)`, where
+`fn(gc: GuestContext, ctx: FactContext)` computes the value from the live context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from sva.engine.facts import FactContext, FactProvider, FunctionProvider, Unavailable
+from sva.errors import SvaError
+from sva.guest.context import GuestContext, place_kernel
+
+
+class GuestSession:
+    """The volatility3 view of one guest across cycles (rebuilt on reboot)."""
+
+    def __init__(self, **symbol_options: Any) -> None:
+        self._options = symbol_options
+        self._gc: GuestContext | None = None
+        self._cycle = -1
+        self._boot_id: str | None = None
+
+    def attach(self, backend: Any) -> GuestContext:
+        """Build the context ahead of the first cycle, so that the symbol work (seconds)
+        happens while the guest runs rather than inside the first freeze."""
+        self._gc = GuestContext.attach(backend, **self._options)
+        self._boot_id = None
+        return self._gc
+
+    def context_for(self, ctx: FactContext) -> GuestContext:
+        """The context for this cycle: attached once, checked once per cycle for a reboot."""
+        backend = ctx.require_backend()
+        if self._gc is not None and self._gc.backend is not backend:
+            self._gc = None  # the engine reattached to a new backend (VM restarted)
+        if self._gc is None:
+            self._gc = GuestContext.attach(backend, **self._options)  # type: ignore[arg-type]
+            self._boot_id = None
+        if self._cycle != ctx.cycle:
+            self._cycle = ctx.cycle
+            self._gc.begin_cycle()
+        return self._gc
+
+    def boot_id(self, ctx: FactContext) -> str:
+        gc = self.context_for(ctx)
+        if self._boot_id is None:
+            p = gc.placement
+            raw = f"{p.banner}|{p.virtual_slide:x}|{p.phys_base:x}".encode()
+            self._boot_id = hashlib.sha256(raw).hexdigest()[:16]
+        return self._boot_id
+
+    def provider(
+        self, name: str, fn: Callable[[GuestContext, FactContext], Any], consistent: bool = True
+    ) -> FactProvider:
+        """A fact computed from the live volatility3 context."""
+
+        def compute(ctx: FactContext) -> Any:
+            try:
+                gc = self.context_for(ctx)
+            except SvaError as e:
+                return Unavailable(f"guest symbols/context: {e}")
+            return fn(gc, ctx)
+
+        return FunctionProvider(name=name, fn=compute, consistent=consistent)
+
+    def providers(self) -> list[FactProvider]:
+        from sva.guest.processes import list_modules, list_processes
+
+        return [
+            FunctionProvider(name="boot_id", fn=self.boot_id, consistent=True),
+            self.provider("processes", lambda gc, _ctx: list_processes(gc)),
+            self.provider("kernel_modules", lambda gc, _ctx: list_modules(gc)),
+        ]
+
+
+__all__ = ["GuestSession", "place_kernel"]
