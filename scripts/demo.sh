@@ -18,6 +18,11 @@ echo "== the guest's own process list (ground truth, via its serial console)"
 sva lab ps "$NAME"
 echo "== sva info lab:$NAME (from outside the guest)"
 sva info "lab:$NAME"
+echo "== sva ps lab:$NAME (processes read from guest memory; symbols built from the guest's own BTF + kallsyms)"
+sva ps "lab:$NAME"
+echo "== sva scan lab:$NAME (one detection cycle; exit status 1 means findings)"
+rc=0; sva scan "lab:$NAME" || rc=$?
+[ "$rc" -le 1 ] || { echo "demo: sva scan failed with exit status $rc" >&2; exit "$rc"; }
 echo "== consistent snapshot (guest paused during the copy)"
 sva snapshot "lab:$NAME" "$OUT/$NAME.raw" --format raw
 sva snapshot "lab:$NAME" "$OUT/$NAME.elf" --format elf
