@@ -59,16 +59,21 @@ def _attach(args: argparse.Namespace) -> tuple[Any, Any]:
     return backend, gc
 
 
-def cmd_ps(args: argparse.Namespace) -> int:
-    from sva.guest.processes import list_processes
-
+def _read_frozen(args: argparse.Namespace, read: Any) -> Any:
+    """Attach to the target, run `read(gc)` once with the guest frozen, detach."""
     backend, gc = _attach(args)
     try:
         with backend.frozen():
             gc.begin_cycle()
-            procs = list_processes(gc)
+            return read(gc)
     finally:
         backend.close()
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from sva.guest.processes import list_processes
+
+    procs = _read_frozen(args, list_processes)
     if args.json:
         print_json(
             [
@@ -94,13 +99,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_modules(args: argparse.Namespace) -> int:
     from sva.guest.processes import list_modules
 
-    backend, gc = _attach(args)
-    try:
-        with backend.frozen():
-            gc.begin_cycle()
-            mods = list_modules(gc)
-    finally:
-        backend.close()
+    mods = _read_frozen(args, list_modules)
     if args.json:
         print_json([{"name": m.name, "address": m.address, "size": m.size} for m in mods])
         return 0
