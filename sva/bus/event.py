@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from sva.errors import BusError
 
 SCHEMA_VERSION = "1.0"
@@ -35,8 +37,13 @@ SCHEMA_VERSION = "1.0"
 TOPIC_ROOT = "sva."
 HEARTBEAT_TOPIC = "sva.heartbeat"
 
-# Compact, ASCII (the C encoder is fastest so), no circularity check: payloads are plain JSON trees.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+# JSON is encoded and decoded with orjson (compact UTF-8, about 7x faster than json for an
+# alert). datetimes and dataclasses are *not* serialised implicitly (as with json: payloads are
+# plain JSON trees, times are epoch ms). What orjson refuses but json accepts (non-str keys,
+# integers beyond 64 bits) goes through json, so the set of publishable payloads is unchanged;
+# NaN/Infinity become null (json wrote NaN, which strict JSON parsers reject).
+_ORJSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # fallback only
 _SEGMENT_BAD = re.compile(r"[^a-z0-9_-]+")
 
 
@@ -138,12 +145,33 @@ def new_uuid() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
-def encode_json(obj: Any) -> str:
-    """Compact JSON; raises BusError for values JSON cannot carry."""
+def encode_json_bytes(obj: Any) -> bytes:
+    """Compact JSON, UTF-8; raises BusError for values JSON cannot carry."""
     try:
-        return _ENCODER.encode(obj)
-    except (TypeError, ValueError) as e:
+        return orjson.dumps(obj, option=_ORJSON_OPTS)
+    except TypeError:  # orjson.JSONEncodeError: maybe only orjson's limits (non-str keys, big ints)
+        pass
+    try:
+        return _ENCODER.encode(obj).encode()
+    except (TypeError, ValueError, RecursionError) as e:
         raise BusError(f"event payload is not JSON-serialisable: {e}") from None
+
+
+def encode_json(obj: Any) -> str:
+    """Compact JSON text; raises BusError for values JSON cannot carry."""
+    return encode_json_bytes(obj).decode()
+
+
+def decode_json(body: bytes | str) -> Any:
+    """Parse JSON (orjson; json for what only json reads: NaN from older journals, big integers)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    return json.loads(body)
+
+
+_EVENT_TYPES = {t.value: t for t in EventType}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,26 +203,27 @@ class Event:
 
     def encode(self) -> bytes:
         """The JSON frame, UTF-8."""
-        return encode_json(self.to_json()).encode()
+        return encode_json_bytes(self.to_json())
 
     @classmethod
     def decode(cls, body: bytes | str, topic: bytes | str | None = None) -> Event:
         """Parse a JSON frame; BusError if it is not an sva event (or its topic frame disagrees)."""
         try:
-            d = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            d = decode_json(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise BusError(f"bus message is not JSON: {e}") from None
-        if not isinstance(d, dict):
+        if type(d) is not dict:
             raise BusError("bus message is not a JSON object")
         try:
+            et = d["type"]
             ev = cls(
-                schema_version=str(d["schema_version"]),
-                id=str(d["id"]),
-                seq=int(d["seq"]),
-                time=str(d["time"]),
-                type=EventType(d["type"]),
-                topic=str(d["topic"]),
-                payload=d["payload"],
+                str(d["schema_version"]),
+                str(d["id"]),
+                int(d["seq"]),
+                str(d["time"]),
+                _EVENT_TYPES.get(et) or EventType(et),
+                str(d["topic"]),
+                d["payload"],
             )
         except KeyError as e:
             raise BusError(f"bus message lacks envelope field {e.args[0]!r}") from None

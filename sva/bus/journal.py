@@ -1,6 +1,7 @@
 """The durable event journal: append-only segment files with a checksum per record.
 
-Every event is written here, with one `write(2)`, *before* it is published; replay
+Every event is written here, with one `writev(2)` (one per batch of up to 256 events for
+`BusPublisher.publish_many`), *before* it is published; replay
 requests are served from here. Layout of a journal directory:
 
     lock                          flock'ed by the one publisher that owns the journal
@@ -61,6 +62,7 @@ _CRC_FROM = 8  # crc covers the record from seq onward
 _FIXED = _HDR.size - _CRC_FROM  # bytes counted by `size` before topic+body
 MAX_RECORD = 16 << 20
 INDEX_EVERY = 64
+WRITE_BATCH = 256  # records per writev (2 iovecs each; IOV_MAX is 1024)
 RESERVE = 100_000
 _STATE_FORMAT = 1
 
@@ -477,11 +479,11 @@ class Journal:
         if seq != self._next:
             raise BusError(f"journal {self.dir}: append of seq {seq}, expected {self._next}")
         tail = _TAIL.pack(seq, time_ms, len(topic))
-        size = len(tail) + len(topic) + len(body)
+        size = _FIXED + len(topic) + len(body)
         if size > MAX_RECORD:
             raise BusError(f"event seq {seq} is {size} bytes; the journal takes at most {MAX_RECORD}")
         crc = zlib.crc32(body, zlib.crc32(topic, zlib.crc32(tail)))
-        parts = [_PREFIX.pack(crc, size) + tail, topic, body]
+        parts = [_PREFIX.pack(crc, size) + tail + topic, body]
         total = 8 + size
         with self._lock:
             seg = self._segments[-1]
@@ -492,7 +494,7 @@ class Journal:
                 self._reserve(seq + RESERVE - 1, clean=False)
             offset = seg.size
             try:
-                n = os.writev(self._fd, parts)  # one syscall, no concatenation copy
+                n = os.writev(self._fd, parts)  # one syscall, no concatenation copy of the body
                 if n != total:
                     raise OSError(28, f"short write ({n} of {total} bytes)")
                 if self.fsync is FsyncPolicy.ALWAYS:
@@ -510,6 +512,79 @@ class Journal:
             seg.last_time_ms = time_ms
             self._next = seq + 1
             self._dirty = True
+
+    def append_many(self, first_seq: int, time_ms: int, records: Sequence[tuple[bytes, bytes]]) -> int:
+        """Write records (topic, body) numbered first_seq, first_seq + 1, … with one `writev(2)`.
+
+        Writes as many as fit in the segment being written (always at least one, starting a
+        new segment first if needed) and at most `WRITE_BATCH`; returns how many. Those are
+        all in the kernel on return (on disk with fsync=always); call again for the rest.
+        All or nothing: on BusError (disk full, I/O error) none of them was written and no
+        seq was consumed; the journal stays usable.
+        """
+        if self._closed:
+            raise BusError(f"journal {self.dir} is closed")
+        if first_seq != self._next:
+            raise BusError(f"journal {self.dir}: append of seq {first_seq}, expected {self._next}")
+        if not records:
+            return 0
+        parts: list[bytes] = []
+        sizes: list[int] = []
+        seq = first_seq
+        for topic, body in records[:WRITE_BATCH]:
+            tail = _TAIL.pack(seq, time_ms, len(topic))
+            size = _FIXED + len(topic) + len(body)
+            if size > MAX_RECORD:
+                if seq == first_seq:
+                    raise BusError(f"event seq {seq} is {size} bytes; the journal takes at most {MAX_RECORD}")
+                break  # write the ones before it; the next call reports this one
+            crc = zlib.crc32(body, zlib.crc32(topic, zlib.crc32(tail)))
+            parts.append(_PREFIX.pack(crc, size) + tail + topic)
+            parts.append(body)
+            sizes.append(8 + size)
+            seq += 1
+        with self._lock:
+            seg = self._segments[-1]
+            if seg.size > len(MAGIC) and seg.size + sizes[0] > self.segment_bytes:
+                self._new_segment(first_seq)
+                seg = self._segments[-1]
+            # as many as fit in this segment (the first always goes: a record may exceed segment_bytes)
+            n, total = 1, sizes[0]
+            while n < len(sizes) and seg.size + total + sizes[n] <= self.segment_bytes:
+                total += sizes[n]
+                n += 1
+            if n < len(sizes):
+                del parts[2 * n:]
+            last = first_seq + n - 1
+            if last > self._reserved:
+                self._reserve(last + RESERVE - 1, clean=False)
+            offset = seg.size
+            try:
+                w = os.writev(self._fd, parts)  # one syscall, no concatenation copy
+                if w != total:
+                    raise OSError(28, f"short write ({w} of {total} bytes)")
+                if self.fsync is FsyncPolicy.ALWAYS:
+                    os.fsync(self._fd)
+            except OSError as e:
+                self._undo(offset)
+                what = f"seq {first_seq}" if n == 1 else f"seq {first_seq}..{last}"
+                raise BusError(
+                    f"journal {self.dir}: cannot append {what}: {e.strerror or e}; the event was not published"
+                ) from None
+            k = self._since_index
+            pos = offset
+            for i in range(n):
+                if k == 0:
+                    seg.index.append((first_seq + i, pos))
+                k = (k + 1) % INDEX_EVERY
+                pos += sizes[i]
+            self._since_index = k
+            seg.size = pos
+            seg.last_seq = last
+            seg.last_time_ms = time_ms
+            self._next = last + 1
+            self._dirty = True
+        return n
 
     def _undo(self, offset: int) -> None:
         try:

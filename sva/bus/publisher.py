@@ -2,6 +2,7 @@
 
     with BusPublisher(BusConfig(...)) as bus:
         ev = bus.publish("alert", alert_payload(alert))
+        evs = bus.publish_many([("alert", p) for p in payloads])   # a cycle's alerts: cheaper
 
 `publish` is synchronous and thread-safe: when it returns, the event has its sequence
 number, is in the journal (see `sva.bus.journal` for what survives which crash) and has
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import zmq
@@ -33,11 +34,12 @@ from sva.bus.event import (
     Event,
     EventType,
     encode_json,
+    encode_json_bytes,
     new_uuid,
     rfc3339,
     topic_for,
 )
-from sva.bus.journal import Dropped, Journal
+from sva.bus.journal import WRITE_BATCH, Dropped, Journal
 from sva.bus.keys import AuthorizedKeys, KeyPair, load_certificate
 from sva.bus.replay import END_TOPIC, error_reply, parse_request, request_id_of
 from sva.bus.sink import parse_event_type
@@ -55,6 +57,28 @@ _RETENTION_EVERY_S = 0.5
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)  # plain ints: or-ing pyzmq's flag enums per send is measurable
 _LAST = int(zmq.NOBLOCK)
 _MAX_REQUESTS_PER_TICK = 64
+_ZERO_COPY_MIN = 64 << 10  # below this, copying into a zmq message is cheaper than tracking a Frame
+_HEAD = (f'{{"schema_version":"{SCHEMA_VERSION}","id":"%s","seq":%d,"time":"%s","type":"%s","topic":"%s",'
+         f'"payload":').encode()  # the envelope before the payload; topics and types need no escaping
+_ETYPE_BYTES = {t: t.value.encode() for t in EventType}
+_TOPICS: dict[str, bytes] = {}
+
+
+def _topic_bytes(topic: str) -> bytes:
+    b = _TOPICS.get(topic)
+    if b is None:
+        b = topic.encode()
+        if len(_TOPICS) < 4096:
+            _TOPICS[topic] = b
+    return b
+
+
+class PartialPublishError(BusError):
+    """`publish_many` stopped part way; `published` holds the events that were published."""
+
+    def __init__(self, message: str, published: list[Event]) -> None:
+        super().__init__(message)
+        self.published = published
 
 
 class BusPublisher:
@@ -134,8 +158,8 @@ class BusPublisher:
     def publish(self, event_type: EventType | str, payload: Mapping[str, Any]) -> Event:
         et = parse_event_type(event_type)
         topic = topic_for(et, payload)
-        payload_json = encode_json(payload).encode()  # outside the lock: the costly part (ASCII)
-        topic_b = topic.encode()
+        payload_json = encode_json_bytes(payload)  # outside the lock: the costly part
+        topic_b = _topic_bytes(topic)
         ev_id = new_uuid()
         with self._lock:
             if self._closed:
@@ -143,11 +167,8 @@ class BusPublisher:
             seq = self._journal.next_seq
             ts = time.time()
             when = rfc3339(ts)
-            head = (
-                f'{{"schema_version":"{SCHEMA_VERSION}","id":"{ev_id}","seq":{seq},"time":"{when}",'
-                f'"type":"{et.value}","topic":"{topic}","payload":'
-            ).encode()
-            body = b"".join((head, payload_json, b"}"))
+            body = b"".join((_HEAD % (ev_id.encode(), seq, when.encode(), _ETYPE_BYTES[et], topic_b),
+                             payload_json, b"}"))
             try:
                 self._journal.append(seq, int(ts * 1000), topic_b, body)
             except BusError as e:
@@ -158,10 +179,61 @@ class BusPublisher:
             self.published += 1
         return Event(SCHEMA_VERSION, ev_id, seq, when, et, topic, payload)
 
+    def publish_many(self, events: Iterable[tuple[EventType | str, Mapping[str, Any]]]) -> list[Event]:
+        """Publish (event_type, payload) pairs in order, with contiguous sequence numbers.
+
+        The same guarantees as `publish` for every event (journaled before it is sent), at a
+        fraction of the cost: one journal write per batch of up to 256 events, the lock taken
+        once per batch. Every payload is checked first: if one is not publishable, BusError
+        and nothing is published. If the journal fails part way (disk full), a
+        `PartialPublishError` (a BusError) carries the events published before the failure
+        in `.published`; the rest were neither numbered nor sent.
+        """
+        prepared = []
+        for event_type, payload in events:
+            et = parse_event_type(event_type)
+            topic = topic_for(et, payload)
+            prepared.append((et, topic, _topic_bytes(topic), payload, encode_json_bytes(payload), new_uuid()))
+        out: list[Event] = []
+        i = 0
+        while i < len(prepared):
+            with self._lock:
+                if self._closed:
+                    raise PartialPublishError("bus publisher is closed", out)
+                j = self._journal
+                seq = j.next_seq
+                ts = time.time()
+                when = rfc3339(ts)
+                when_b = when.encode()
+                chunk = prepared[i:i + WRITE_BATCH]
+                records = []
+                for k, (et, _topic, topic_b, _payload, payload_json, ev_id) in enumerate(chunk):
+                    head = _HEAD % (ev_id.encode(), seq + k, when_b, _ETYPE_BYTES[et], topic_b)
+                    records.append((topic_b, b"".join((head, payload_json, b"}"))))
+                try:
+                    n = j.append_many(seq, int(ts * 1000), records)
+                except BusError as e:
+                    self._journal_error = str(e)
+                    if not out:
+                        raise
+                    raise PartialPublishError(str(e), out) from None
+                self._journal_error = None
+                for topic_b, body in records[:n]:
+                    self._send(topic_b, body)
+                self.published += n
+            for k in range(n):
+                et, topic, _tb, payload, _pj, ev_id = chunk[k]
+                out.append(Event(SCHEMA_VERSION, ev_id, seq + k, when, et, topic, payload))
+            i += n
+        return out
+
     def _send(self, topic: bytes, body: bytes) -> None:
         try:
             self._pub.send(topic, _MORE)
-            self._pub.send(body, _LAST)
+            if len(body) < _ZERO_COPY_MIN:
+                self._pub.send(body, _LAST)
+            else:  # large frame: let ZeroMQ reference the bytes instead of copying them
+                self._pub.send(body, _LAST, copy=False)
         except zmq.ZMQError as e:
             # Journaled already: subscribers get it by replay. Never lose it silently here.
             self.send_errors += 1

@@ -4,7 +4,11 @@ The engine publishes through a Sink and does not care whether it is the ZeroMQ b
 (`sva.bus.publisher.BusPublisher`) or a file of JSON lines:
 
     event = sink.publish("alert", alert_payload(alert))   # -> Event (seq, id, topic …)
+    events = publish_many(sink, [("alert", p) for p in payloads])   # a cycle's alerts at once
     sink.close()
+
+`publish_many` uses the sink's own `publish_many` when it has one (`BusPublisher`: one
+journal write and one lock per batch; `JsonLinesSink`) and calls `publish` in a loop otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -27,6 +31,14 @@ class Sink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def publish_many(sink: Sink, events: Iterable[tuple[EventType | str, Mapping[str, Any]]]) -> list[Event]:
+    """Publish (event_type, payload) pairs in order through any Sink (batched if it can)."""
+    many = getattr(sink, "publish_many", None)
+    if many is not None:
+        return many(events)  # type: ignore[no-any-return]
+    return [sink.publish(et, payload) for et, payload in events]
 
 
 _PUBLISHABLE = {t.value: t for t in EventType if t is not EventType.HEARTBEAT}
@@ -84,6 +96,13 @@ class JsonLinesSink:
                 raise BusError(f"cannot write event seq {ev.seq}: {e.strerror}") from None
             self._next += 1
         return ev
+
+    def publish_many(self, events: Iterable[tuple[EventType | str, Mapping[str, Any]]]) -> list[Event]:
+        """`publish` each pair in order (every payload checked before any is written)."""
+        items = [(parse_event_type(et), payload) for et, payload in events]
+        for _et, payload in items:
+            encode_json(payload)
+        return [self.publish(et, payload) for et, payload in items]
 
     def close(self) -> None:
         with self._lock:

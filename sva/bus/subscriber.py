@@ -40,6 +40,7 @@ from sva.errors import BusError
 
 log = logging.getLogger(__name__)
 
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's flag enums cost a call per use
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -149,6 +150,9 @@ class BusSubscriber:
             self.close()
             raise BusError(f"bus endpoint {endpoint}: {e}") from None
         self._replay = ReplayClient(self.ctx, self.replay_endpoint, security, timeout=replay_timeout)
+        self._live_poller = zmq.Poller()
+        self._live_poller.register(self._sub, zmq.POLLIN)
+        self._live_poller.register(self._monitor, zmq.POLLIN)
         if since is not None:
             self._latest = since + 1  # ask the journal straight away: it knows what is there
 
@@ -185,6 +189,8 @@ class BusSubscriber:
             if self._next is not None and gap and not rep.pending and now >= self._retry_at:
                 self.stats.replay_requests += 1
                 rep.request(self._next - 1, max_events=self.chunk)
+            if not gap and not rep.pending and (deadline is None or now < deadline) and self._drain_live():
+                continue  # fast path while keeping up: no poller until the socket runs dry
             if deadline is not None and now >= deadline and polled:
                 return None
             polled = True
@@ -193,11 +199,13 @@ class BusSubscriber:
                 wait = min(wait, rep.deadline - now)
             elif gap:
                 wait = min(wait, self._retry_at - now)
-            poller = zmq.Poller()
-            poller.register(self._sub, zmq.POLLIN)
-            poller.register(self._monitor, zmq.POLLIN)
             if rep.pending:
+                poller = zmq.Poller()
+                poller.register(self._sub, zmq.POLLIN)
+                poller.register(self._monitor, zmq.POLLIN)
                 poller.register(rep.socket, zmq.POLLIN)
+            else:
+                poller = self._live_poller
             events = dict(poller.poll(max(0, int(wait * 1000))))
             if self._monitor in events:
                 self._drain_monitor()
@@ -213,10 +221,25 @@ class BusSubscriber:
             if self._sub in events:
                 for _ in range(1000):
                     try:
-                        frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                        frames = self._sub.recv_multipart(_NOBLOCK)
                     except zmq.Again:
                         break
                     self._on_live(frames)
+
+    def _drain_live(self) -> bool:
+        """Read what the SUB socket already holds without polling; True if anything came."""
+        recv = self._sub.recv_multipart
+        got = 0
+        for _ in range(1000):
+            try:
+                frames = recv(_NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_live(frames)
+            got += 1
+        if got:
+            self._drain_monitor()  # handshake news still gets seen while events flow
+        return got > 0
 
     def _fill_failed(self, error: BusError) -> None:
         self.stats.replay_failures += 1
