@@ -8,4 +8,8 @@ group (see sva.engine.registry). The interface is `sva.engine.detector.Detector`
 
 DEFAULT_DETECTORS: tuple[str, ...] = (
     "process_policy",
+    "hidden_processes",
+    "kernel_integrity",
+    "yara_memory",
+    "injected_code",
 )

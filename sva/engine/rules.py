@@ -201,6 +201,158 @@ class ParentChildRule(ProcessRule):
             yield ("children",), "needs at least one child name"
 
 
+# -- memory -----------------------------------------------------------------------------
+
+
+class MemoryScope(enum.StrEnum):
+    """Where a YARA hit lies: in a process's mapping, or in memory no process maps."""
+
+    PROCESS = "process"
+    UNATTRIBUTED = "unattributed"  # kernel memory, page cache, freed pages
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryRule(Rule):
+    """A rule about process memory. A process is allowed (the rule does not fire) when its
+    comm is in `allow_comms` or its executable or the mapping's file starts with one of
+    `allow_paths`; both are empty as shipped (the tuning points)."""
+
+    allow_comms: tuple[str, ...] = ()
+    allow_paths: tuple[str, ...] = field(default=(), metadata=meta(item_check=check_absolute))
+
+    def allows(self, proc: ProcessInfo, paths: Iterable[str] = ()) -> bool:
+        if proc.comm in self.allow_comms:
+            return True
+        return bool(self.allow_paths) and any(p.startswith(self.allow_paths) for p in paths)
+
+
+@rule_kind("memory_signature")
+@dataclass(frozen=True, kw_only=True)
+class MemorySignatureRule(MemoryRule):
+    """Turns matches of the active YARA signature bundle into findings: those of YARA
+    rules whose `namespace:rule` matches one of `signatures` (globs) and whose hits lie in
+    `scope`. The allow-lists apply to the owning process (scope "process" only)."""
+
+    signatures: tuple[str, ...] = field(default=("*",), metadata=meta(item_check=check_not_empty))
+    scope: MemoryScope = MemoryScope.PROCESS
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.signatures:
+            yield ("signatures",), "needs at least one signature glob (\"*\" for all)"
+
+    def covers(self, signature: str) -> bool:
+        return any(fnmatchcase(signature, g) for g in self.signatures)
+
+
+def check_hex_bytes(value: str) -> str | None:
+    try:
+        return None if bytes.fromhex(value) else f"{value!r}: empty byte pattern"
+    except ValueError:
+        return f"{value!r} is not hex bytes (e.g. \"55 48 89 e5\")"
+
+
+INJECTION_REASONS = ("rwx", "anon_exec", "dirty_exec")  # sva.guest.memscan.SuspiciousMapping.reason
+
+
+def check_code_reason(value: str) -> str | None:
+    return None if value in INJECTION_REASONS else f"{value!r} is not one of {', '.join(INJECTION_REASONS)}"
+
+
+@rule_kind("injected_code")
+@dataclass(frozen=True, kw_only=True)
+class InjectedCodeRule(MemoryRule):
+    """Fires on a process mapping that malfind would show (`reasons`: "rwx" writable and
+    executable, "anon_exec" executable with no file, "dirty_exec" executable file mapping
+    with a written page) whose first bytes look like code: one of `code_patterns` (hex
+    byte strings) in them, unless `require_code` is false. Processes named in `jit_comms`
+    (runtimes that generate code: Java, node, QEMU's TCG) are allowed, as by allow_comms."""
+
+    reasons: tuple[str, ...] = field(default=("rwx", "anon_exec"), metadata=meta(item_check=check_code_reason))
+    require_code: bool = True
+    code_patterns: tuple[str, ...] = field(default=(), metadata=meta(item_check=check_hex_bytes))
+    jit_comms: tuple[str, ...] = ()
+
+    def allows(self, proc: ProcessInfo, paths: Iterable[str] = ()) -> bool:
+        return proc.comm in self.jit_comms or super().allows(proc, paths)
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.reasons:
+            yield ("reasons",), "needs at least one of rwx, anon_exec, dirty_exec"
+        if self.require_code and not self.code_patterns:
+            yield ("code_patterns",), "require_code needs at least one code pattern"
+
+    @property
+    def patterns(self) -> tuple[bytes, ...]:
+        return tuple(bytes.fromhex(p) for p in self.code_patterns)
+
+
+# -- rootkits (detectors/hidden_processes.py, detectors/kernel_integrity.py) -------------
+
+TASK_VIEWS = ("task_list", "pid_idr", "memory_scan")  # the views of sva.guest.views
+CODE_REGIONS = ("kernel_text", "kernel_init_text", "module", "other")  # sva.guest.integrity.Region
+
+
+def check_task_view(value: str) -> str | None:
+    return None if value in TASK_VIEWS else f"{value!r} is not a task view ({', '.join(TASK_VIEWS)})"
+
+
+def check_code_region(value: str) -> str | None:
+    return None if value in CODE_REGIONS else f"{value!r} is not a code region ({', '.join(CODE_REGIONS)})"
+
+
+@rule_kind("hidden_task")
+@dataclass(frozen=True, kw_only=True)
+class HiddenTaskRule(Rule):
+    """Fires when a live thread-group leader is seen by some of `views` and not by others
+    (all taken in one freeze). `allow_comms` lists task names never reported."""
+
+    views: tuple[str, ...] = field(default=TASK_VIEWS, metadata=meta(item_check=check_task_view))
+    allow_comms: tuple[str, ...] = ()
+
+    def problems(self) -> Iterable[Problem]:
+        if len(set(self.views)) < 2:
+            yield ("views",), "needs at least two different views to compare"
+
+
+@rule_kind("syscall_hook")
+@dataclass(frozen=True, kw_only=True)
+class SyscallHookRule(Rule):
+    """Fires for a sys_call_table entry that points outside the kernel's text, or at an
+    address where no symbol starting with one of `handler_prefixes` begins."""
+
+    handler_prefixes: tuple[str, ...] = field(metadata=meta(item_check=check_not_empty))
+    allow_entries: tuple[int, ...] = ()
+    allow_modules: tuple[str, ...] = ()
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.handler_prefixes:
+            yield ("handler_prefixes",), "needs at least one prefix"
+
+
+@rule_kind("idt_hook")
+@dataclass(frozen=True, kw_only=True)
+class IdtHookRule(Rule):
+    """Fires for a present IDT gate whose handler lies outside `allowed_regions`."""
+
+    allowed_regions: tuple[str, ...] = field(metadata=meta(item_check=check_code_region))
+    allow_vectors: tuple[int, ...] = ()
+    allow_modules: tuple[str, ...] = ()
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.allowed_regions:
+            yield ("allowed_regions",), "needs at least one region"
+        if any(not 0 <= v < 256 for v in self.allow_vectors):
+            yield ("allow_vectors",), "vectors are 0..255"
+
+
+@rule_kind("hidden_module")
+@dataclass(frozen=True, kw_only=True)
+class HiddenModuleRule(Rule):
+    """Fires for a kernel module found in the module area but not on the module list."""
+
+    allow_names: tuple[str, ...] = ()
+
+
 # -- suppressions -----------------------------------------------------------------------
 
 

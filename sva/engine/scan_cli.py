@@ -58,7 +58,14 @@ def build_engine(args: argparse.Namespace, backend: Any, sinks: list[Any]) -> An
         session.attach(backend)
     except SvaError:
         pass  # facts that need it become Unavailable (with the reason) in the cycle
-    facts = FactRegistry([*backend_fact_providers(), *session.providers()])
+    from sva.guest.integrity import integrity_providers
+    from sva.guest.memscan import memory_providers
+    from sva.guest.views import view_providers
+
+    facts = FactRegistry([
+        *backend_fact_providers(), *session.providers(), *memory_providers(session),
+        *view_providers(session), *integrity_providers(session),
+    ])  # fmt: skip
     vm = VmIdentity(name=args.target.split(":", 1)[-1].rsplit("/", 1)[-1], target=args.target)
     return Engine(vm, rules=rules, detectors=detectors, facts=facts, backend=backend, sinks=sinks)
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sva.errors import SvaError, SymbolsError
 from sva.guest.vollayer import BackendLayer, clear_translation_caches
 from sva.vmi.base import MappedBackend
+
+if TYPE_CHECKING:
+    from sva.symbols.sources import SymbolTable
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 MASK64 = (1 << 64) - 1
@@ -111,8 +114,9 @@ class GuestContext:
         self,
         backend: MappedBackend,
         isf_path: str,
-        placement: KernelPlacement,
+        placement: KernelPlacement | Callable[[dict[str, Any]], KernelPlacement],
     ) -> None:
+        """`placement` may be a function of the loaded table, so the ISF is read only once."""
         # Imported here: volatility3 is heavy, and commands that don't need it stay fast.
         import volatility3.framework.symbols.linux.extensions.network  # noqa: F401 (registers type classes)
         from volatility3 import framework
@@ -122,8 +126,7 @@ class GuestContext:
 
         framework.require_interface_version(2, 0, 0)
         self.backend = backend
-        self.placement = placement
-        _check_dtb_against_cr3(backend, placement.dtb)
+        self.symbol_table: SymbolTable | None = None  # where the table came from, set by attach
         ctx = contexts.Context()
         ctx.add_layer(BackendLayer(ctx, "sva.memory", PHYSICAL_LAYER, backend))
         # validate=False: the table was checked against volatility3's schema when built;
@@ -137,6 +140,13 @@ class GuestContext:
             symbol_mask=(1 << 48) - 1,
         )
         ctx.symbol_space.append(table)
+        # The parsed table, shared with volatility3 rather than read a second time: placement
+        # and the raw task walk's offsets come from it.
+        self.isf: dict[str, Any] = _table_json(table, isf_path)
+        if callable(placement):
+            placement = placement(self.isf)
+        self.placement = placement
+        _check_dtb_against_cr3(backend, placement.dtb)
         ctx.config["sva.kernel.memory_layer"] = PHYSICAL_LAYER
         ctx.config["sva.kernel.page_map_offset"] = placement.dtb
         ctx.config["sva.kernel.kernel_virtual_offset"] = placement.virtual_slide
@@ -155,17 +165,21 @@ class GuestContext:
         **symbol_options: Any,
     ) -> GuestContext:
         """Symbols for this guest (cache, ISF dir, image or its own RAM), then the context."""
-        from sva.symbols.sources import load_isf, symbols_for_backend
+        from sva.symbols.sources import symbols_for_backend
 
         table = symbols_for_backend(backend, progress=progress, **symbol_options)
-        isf = load_isf(table.path)
-        if table.kaslr_slide is not None and table.phys_base is not None:
-            pgt = _symbol(isf, "init_top_pgt", str(table.path))
-            dtb = (pgt + table.kaslr_slide - START_KERNEL_MAP + table.phys_base) & MASK64
-            placement = KernelPlacement(table.banner, table.kaslr_slide, table.phys_base, dtb)
-        else:
+        source = str(table.path)
+
+        def placement(isf: dict[str, Any]) -> KernelPlacement:
+            if table.kaslr_slide is not None and table.phys_base is not None:
+                pgt = _symbol(isf, "init_top_pgt", source)
+                dtb = (pgt + table.kaslr_slide - START_KERNEL_MAP + table.phys_base) & MASK64
+                return KernelPlacement(table.banner, table.kaslr_slide, table.phys_base, dtb)
             # A table from the cache or an ISF directory says nothing about this boot.
-            placement = place_kernel(backend, isf, str(table.path))
+            return place_kernel(backend, isf, source)
+
+        if progress:
+            progress("loading the symbol table into volatility3")
         gc = cls(backend, table.path.as_uri(), placement)
         gc.symbol_table = table
         return gc
@@ -173,3 +187,21 @@ class GuestContext:
     def begin_cycle(self) -> None:
         """Forget cached page tables: the guest ran since the last cycle."""
         clear_translation_caches()
+
+
+def _table_json(table: Any, isf_path: str) -> dict[str, Any]:
+    """The JSON volatility3 parsed for `table`.
+
+    volatility3 2.x keeps it on the table's format delegate (`ISFormatTable._json_object`);
+    reading the (xz-compressed) file a second time costs about a second per attach, so that
+    is only the fallback for a volatility3 that keeps it elsewhere.
+    """
+    data = getattr(getattr(table, "_delegate", None), "_json_object", None)
+    if isinstance(data, dict) and "user_types" in data and "symbols" in data:
+        return data
+    from urllib.parse import unquote, urlparse
+
+    from sva.symbols.sources import load_isf
+
+    url = urlparse(isf_path)
+    return load_isf(unquote(url.path) if url.scheme == "file" else isf_path)

@@ -1,22 +1,37 @@
-"""The guest's processes and kernel modules, read with volatility3 from outside the guest.
+"""The guest's processes and kernel modules, read from outside the guest.
+
+Two walks of the kernel's task list give the same (pid, ppid, comm, start_time, task
+address, uid): `list_processes(gc, details=False)` reads raw bytes through the kernel
+layer at task_struct offsets taken once from the ISF (the per-cycle path, a few ms), and
+`details=True` (or `fast=False`) uses volatility3 objects, which also give argv and exe and
+are the reference the raw walk is tested against.
 
 Guest structures are hostile: the task list walk is bounded in count, strings in length,
-and a task whose fields cannot be read yields what could be read (and `None` for the
+every pointer is checked before it is followed, a list that loops back on itself ends the
+walk, and a task whose fields cannot be read yields what could be read (and `None` for the
 rest) instead of stopping the walk.
 """
 
 from __future__ import annotations
 
 import itertools
+import struct
+import time
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from sva.engine.facts import ProcessInfo
-from sva.errors import SvaError
-from sva.guest.context import GuestContext
+from sva.errors import SvaError, SymbolsError
+from sva.guest.context import KERNEL_LAYER, GuestContext
 
 MAX_TASKS = 65536
 MAX_ARGV_BYTES = 4096
 MAX_MODULES = 4096
+ADDRESS_MASK = (1 << 48) - 1  # what volatility3's Intel layer and its pointers use
+KERNEL_HALF = 0xFFFF800000000000 & ADDRESS_MASK
+COMM_LEN = 16
+RAW_WALK_SECONDS = 10.0  # a walk that takes longer is being led in circles: what it has is returned
 
 
 def canonical(address: int) -> int:
@@ -75,8 +90,224 @@ def _uid(task: object) -> int | None:
         return None
 
 
-def list_processes(gc: GuestContext, details: bool = True) -> tuple[ProcessInfo, ...]:
-    """Every task on the kernel's task list (thread-group leaders), sorted by pid."""
+# -- raw task walk ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """Where the raw walk finds things: task_struct member offsets and the sizes volatility3's
+    task validity check reads, from the ISF, plus init_task's address for this boot."""
+
+    init_task: int  # 48-bit virtual address, KASLR slide applied
+    task_size: int
+    tasks: int
+    pid: int
+    tgid: int
+    comm: int
+    real_parent: int
+    start_time: int
+    cred: int
+    signal: int
+    nsproxy: int
+    mm: int
+    active_mm: int
+    cred_uid: int  # cred.uid.val
+    signal_size: int
+    nsproxy_size: int
+    mm_size: int
+
+    @classmethod
+    def from_isf(cls, isf: dict[str, Any], slide: int, source: str = "symbol table") -> TaskLayout:
+        types = isf.get("user_types", {})
+
+        def size(type_name: str) -> int:
+            try:
+                return int(types[type_name]["size"])
+            except (KeyError, TypeError, ValueError):
+                raise SymbolsError(source, f"symbol table has no size for struct {type_name}") from None
+
+        def member(type_name: str, name: str) -> int:
+            found = _member_offset(types, type_name, name, 0)
+            if found is None:
+                raise SymbolsError(source, f"symbol table has no {type_name}.{name}")
+            return found
+
+        try:
+            init_task = int(isf["symbols"]["init_task"]["address"])
+        except (KeyError, TypeError, ValueError):
+            raise SymbolsError(source, "symbol table has no address for init_task") from None
+        ts = "task_struct"
+        return cls(
+            init_task=(init_task + slide) & ADDRESS_MASK,
+            task_size=size(ts),
+            tasks=member(ts, "tasks"),
+            pid=member(ts, "pid"),
+            tgid=member(ts, "tgid"),
+            comm=member(ts, "comm"),
+            real_parent=member(ts, "real_parent"),
+            start_time=member(ts, "start_time"),
+            cred=member(ts, "cred"),
+            signal=member(ts, "signal"),
+            nsproxy=member(ts, "nsproxy"),
+            mm=member(ts, "mm"),
+            active_mm=member(ts, "active_mm"),
+            cred_uid=member("cred", "uid") + member("kuid_t", "val"),
+            signal_size=size("signal_struct"),
+            nsproxy_size=size("nsproxy"),
+            mm_size=size("mm_struct"),
+        )
+
+
+def _member_offset(types: dict[str, Any], type_name: str, name: str, depth: int) -> int | None:
+    """A member's offset, looking into anonymous struct/union members as C does."""
+    if depth > 8:
+        return None
+    fields = types.get(type_name, {}).get("fields", {})
+    if name in fields:
+        return int(fields[name]["offset"])
+    for f in fields.values():
+        if f.get("anonymous") and f.get("type", {}).get("kind") in ("struct", "union"):
+            inner = _member_offset(types, f["type"]["name"], name, depth + 1)
+            if inner is not None:
+                return int(f["offset"]) + inner
+    return None
+
+
+# One layout per context (a context is one boot of one kernel), dropped with the context.
+_LAYOUTS: weakref.WeakKeyDictionary[GuestContext, TaskLayout] = weakref.WeakKeyDictionary()
+
+
+def task_layout(gc: GuestContext) -> TaskLayout:
+    """The context's TaskLayout, computed on first use (offsets don't change within a boot)."""
+    layout = _LAYOUTS.get(gc)
+    if layout is None:
+        source = str(gc.symbol_table.path) if gc.symbol_table else "symbol table"
+        layout = _LAYOUTS[gc] = TaskLayout.from_isf(gc.isf, gc.placement.virtual_slide, source)
+    return layout
+
+
+class _RawTask:
+    """Fields of one task_struct, read in a single span."""
+
+    __slots__ = ("address", "base", "data")
+
+    def __init__(self, address: int, data: bytes, base: int) -> None:
+        self.address, self.data, self.base = address, data, base
+
+    def i32(self, off: int) -> int:
+        return struct.unpack_from("<i", self.data, off - self.base)[0]
+
+    def u64(self, off: int) -> int:
+        return struct.unpack_from("<Q", self.data, off - self.base)[0]
+
+
+def _walk_raw(gc: GuestContext) -> list[ProcessInfo]:
+    from volatility3.framework import exceptions
+
+    lay = task_layout(gc)
+    layer = gc.context.layers[KERNEL_LAYER]
+    invalid = exceptions.InvalidAddressException
+
+    def pointer(address: int) -> int | None:
+        """A kernel pointer read at `address`, masked as volatility3 does, or None."""
+        try:
+            value = struct.unpack("<Q", layer.read(address, 8))[0] & ADDRESS_MASK
+        except invalid:
+            return None
+        return value if value >= KERNEL_HALF else None
+
+    def readable(ptr: int, size: int) -> bool:
+        return ptr >= KERNEL_HALF and layer.is_valid(ptr, size)
+
+    # One read covers every task_struct member we use.
+    offsets = (lay.pid, lay.tgid, lay.comm, lay.real_parent, lay.start_time, lay.cred, lay.signal,
+               lay.nsproxy, lay.mm, lay.active_mm)  # fmt: skip
+    lo, hi = min(offsets), max(offsets) + COMM_LEN
+
+    def read_task(task: int) -> _RawTask | None:
+        """The task's fields, if volatility3 would count it as a valid task too."""
+        if not layer.is_valid(task, lay.task_size):
+            return None
+        try:
+            raw = _RawTask(task, layer.read(task + lo, hi - lo), lo)
+        except invalid:
+            return None
+        return raw if _valid_task(raw, lay, readable) else None
+
+    head = (lay.init_task + lay.tasks) & ADDRESS_MASK
+    tasks: list[_RawTask] = []
+    yielded: set[int] = set()
+    # Like volatility3's pslist: the `next` chain, then the `prev` chain for anything a
+    # broken or tampered `next` chain hid; each stops at a node it has already visited.
+    deadline = time.monotonic() + RAW_WALK_SECONDS
+    for link_off in (0, 8):
+        seen = {head}
+        link = pointer(head + link_off)
+        for _ in range(MAX_TASKS):
+            if link is None or link in seen or time.monotonic() > deadline:
+                break
+            seen.add(link)
+            task = (link - lay.tasks) & ADDRESS_MASK
+            if not layer.is_valid(task):
+                break  # as volatility3's list_head.to_list: an unmapped task ends this direction
+            if task not in yielded:
+                yielded.add(task)
+                raw = read_task(task)
+                if raw is not None:
+                    tasks.append(raw)
+            link = pointer(link + link_off)
+    by_address = {t.address: t for t in tasks}
+    out: list[ProcessInfo] = []
+    for t in tasks:
+        pid = t.i32(lay.pid)
+        comm = t.data[lay.comm - lo : lay.comm - lo + COMM_LEN].split(b"\0", 1)[0].decode("utf-8", "replace")
+        parent = t.u64(lay.real_parent) & ADDRESS_MASK
+        ppid: int = -1
+        if parent in by_address:
+            ppid = by_address[parent].i32(lay.tgid)
+        else:
+            try:
+                ppid = struct.unpack("<i", layer.read(parent + lay.tgid, 4))[0]
+            except invalid:
+                pass
+        uid: int | None = None
+        cred = t.u64(lay.cred) & ADDRESS_MASK
+        if cred >= KERNEL_HALF:
+            try:
+                uid = struct.unpack("<I", layer.read(cred + lay.cred_uid, 4))[0]
+            except invalid:
+                pass
+        out.append(ProcessInfo(pid=pid, ppid=ppid, comm=comm, uid=uid, start_time=t.u64(lay.start_time),
+                               task_address=canonical(t.address)))  # fmt: skip
+    return out
+
+
+def _valid_task(t: _RawTask, lay: TaskLayout, readable: Any) -> bool:
+    """volatility3's task_struct.is_valid, on the raw bytes (so both walks keep the same tasks)."""
+    if t.i32(lay.pid) < 0 or t.i32(lay.tgid) < 0:
+        return False
+    for off, size in ((lay.signal, lay.signal_size), (lay.nsproxy, lay.nsproxy_size),
+                      (lay.real_parent, lay.task_size)):  # fmt: skip
+        ptr = t.u64(off) & ADDRESS_MASK
+        if not ptr or not readable(ptr, size):
+            return False
+    mm, active_mm = t.u64(lay.mm) & ADDRESS_MASK, t.u64(lay.active_mm) & ADDRESS_MASK
+    if active_mm and not readable(active_mm, lay.mm_size):
+        return False
+    return not mm or (readable(mm, lay.mm_size) and mm == active_mm)
+
+
+# -- volatility3 objects ---------------------------------------------------------------------
+
+
+def list_processes(gc: GuestContext, details: bool = True, fast: bool = True) -> tuple[ProcessInfo, ...]:
+    """Every task on the kernel's task list (thread-group leaders), sorted by pid.
+
+    Without `details` (argv, exe) the raw walk answers, unless `fast` is False: then
+    volatility3 objects do, as they always do with details.
+    """
+    if fast and not details:
+        return tuple(sorted(_walk_raw(gc), key=lambda p: p.pid))
     from volatility3.plugins.linux import pslist
 
     out: list[ProcessInfo] = []

@@ -90,14 +90,19 @@ class BackendLayer(interfaces.layers.DataLayerInterface):
 
 
 def clear_translation_caches() -> None:
-    """Forget cached page-table reads of all Intel translation layers.
+    """Forget everything volatility3 cached about guest memory.
 
-    volatility3 caches page-table pages and translations per process (functools caches
-    on the class), which is right for a file and wrong for a guest that keeps running.
-    Called at the start of every scan cycle.
+    volatility3 caches page-table pages, translations and whole translated reads
+    (functools caches on the classes, shared by all layers), which is right for a file
+    and wrong for a guest that keeps running: a list pointer read last cycle would be
+    served stale, which is exactly what a DKOM rootkit changes. Called at the start of
+    every scan cycle.
     """
-    for cls in (intel.Intel, intel.Intel32e, intel.IntelPAE):
-        for attr in ("_get_valid_table", "_translate_entry", "_translate"):
-            fn = getattr(cls, attr, None)
+    from volatility3.framework.interfaces.layers import TranslationLayerInterface
+    from volatility3.framework.layers.linear import LinearlyMappedLayer
+
+    for cls in (intel.Intel, intel.Intel32e, intel.IntelPAE, TranslationLayerInterface, LinearlyMappedLayer):
+        for attr in ("_get_valid_table", "_translate_entry", "_translate", "read"):
+            fn = cls.__dict__.get(attr)
             if fn is not None and hasattr(fn, "cache_clear"):
                 fn.cache_clear()

@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     q.add_argument("name")
     q.add_argument("--scenario", default="clean", help="clean (default) or infected")
     q.add_argument("--mem", default="256M", help="guest RAM, e.g. 256M or 3G (minimum 128M)")
-    q.add_argument("--kernel", default="auto", help="'auto' (Debian's cloud kernel) or a bzImage path")
+    q.add_argument(
+        "--kernel",
+        default="auto",
+        help="'auto' (= debian:cloud), 'debian:generic' (Debian's linux-image-amd64) or a bzImage path",
+    )
     q.add_argument("--initrd-extra", metavar="DIR", help="copy this directory tree into the initramfs")
     q.add_argument("--accel", default="auto", help="auto (KVM only if it really works), tcg or kvm")
     q.add_argument("--timeout", type=float, default=lab.BOOT_TIMEOUT, help="seconds to wait for the shell")

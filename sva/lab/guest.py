@@ -190,8 +190,8 @@ def up(
     scenarios.get(scenario)
     if accel not in machine.ACCELS:
         raise LabError(f"lab guest accelerator {accel!r} is not valid; choose one of {', '.join(machine.ACCELS)}")
-    if kernel != "auto" and not Path(kernel).is_file():
-        raise LabError(f"kernel {kernel}: no such file")
+    if kernels.debian_flavour(kernel) is None and not Path(kernel).is_file():
+        raise LabError(f"kernel {kernel}: no such file (or use auto, debian:cloud, debian:generic)")
     extra = Path(initrd_extra) if initrd_extra is not None else None
     if extra is not None and not extra.is_dir():
         raise LabError(f"--initrd-extra {extra}: not a directory")

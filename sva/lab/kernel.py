@@ -1,11 +1,13 @@
-"""The lab guest's kernel: Debian's current cloud kernel, fetched with apt and cached.
+"""The lab guest's kernel: a current Debian kernel, fetched with apt and cached.
 
-`--kernel auto` follows the `linux-image-cloud-amd64` meta package to the versioned image
-(e.g. linux-image-6.1.0-56-cloud-amd64), downloads its `-unsigned` twin with `apt-get
-download` (apt checks it against the signed archive index), and keeps only what a lab
-needs: vmlinuz, System.map, config and the modules for virtio networking. The package has
-no modules.dep (depmod makes it at install time), so module dependencies are read from
-each module's own .modinfo section.
+`--kernel auto` (= `debian:cloud`) follows the `linux-image-cloud-amd64` meta package to the
+versioned image (e.g. linux-image-6.1.0-56-cloud-amd64); `debian:generic` follows
+`linux-image-amd64` (e.g. linux-image-6.1.0-56-amd64). Either way the image's `-unsigned`
+twin is downloaded with `apt-get download` (apt checks it against the signed archive
+index), and the cache keeps only what a lab needs: vmlinuz, System.map, config and the
+modules for virtio networking (the generic kernel needs the same eight as the cloud one).
+The package has no modules.dep (depmod makes it at install time), so module dependencies
+are read from each module's own .modinfo section.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from typing import Any
 from sva.errors import LabError
 from sva.lab.paths import cache_root, file_lock
 
-META_PACKAGE = "linux-image-cloud-amd64"
+# Debian kernel flavours a lab can boot: `debian:<flavour>` -> (meta package, release suffix).
+FLAVOURS: dict[str, tuple[str, str]] = {
+    "cloud": ("linux-image-cloud-amd64", "-cloud-amd64"),
+    "generic": ("linux-image-amd64", "-amd64"),
+}
+DEFAULT_FLAVOUR = "cloud"
+# The ABI part of a Debian kernel release before the flavour suffix, e.g. "6.1.0-56"; anchoring
+# on it keeps "-amd64" from also matching "-cloud-amd64" or "-rt-amd64".
+_ABI = r"[0-9][0-9.]*-[0-9]+"
+META_PACKAGE = FLAVOURS[DEFAULT_FLAVOUR][0]
 # What the guest needs as modules for a virtio-net-pci NIC; their dependencies follow.
 NETWORK_MODULES = ("virtio_pci", "virtio_net")
 CACHE_FORMAT = 2
@@ -53,10 +64,24 @@ def kernels_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def resolve(kernel: str = "auto") -> KernelImage:
-    """`auto` for the cached/downloaded Debian cloud kernel, else a path to a bzImage."""
+def debian_flavour(kernel: str) -> str | None:
+    """The Debian flavour `kernel` names (`auto` is the cloud one), None for a file path."""
     if kernel == "auto":
-        return _auto_kernel()
+        return DEFAULT_FLAVOUR
+    if not kernel.startswith("debian:"):
+        return None
+    flavour = kernel[len("debian:") :]
+    if flavour not in FLAVOURS:
+        choices = ", ".join(f"debian:{f}" for f in FLAVOURS)
+        raise LabError(f"lab kernel {kernel!r}: unknown Debian flavour; choose one of {choices}")
+    return flavour
+
+
+def resolve(kernel: str = "auto") -> KernelImage:
+    """`auto`/`debian:cloud`/`debian:generic` for a cached/downloaded Debian kernel, else a bzImage path."""
+    flavour = debian_flavour(kernel)
+    if flavour is not None:
+        return _debian_kernel(flavour)
     return _user_kernel(Path(kernel))
 
 
@@ -131,12 +156,13 @@ def _run(argv: list[str], timeout: float, what: str, cwd: Path | None = None) ->
     return proc.stdout
 
 
-def _apt_lookup() -> tuple[str, str]:
+def _apt_lookup(flavour: str) -> tuple[str, str]:
     """(versioned image package, version of its -unsigned twin) from apt's lists."""
-    deps = _run(["apt-cache", "depends", META_PACKAGE], _APT_TIMEOUT, f"resolving {META_PACKAGE}")
-    m = re.search(r"^\s*\|?Depends:\s*(linux-image-(\S+-cloud-amd64))\s*$", deps, re.M)
+    meta, suffix = FLAVOURS[flavour]
+    deps = _run(["apt-cache", "depends", meta], _APT_TIMEOUT, f"resolving {meta}")
+    m = re.search(rf"^\s*\|?Depends:\s*(linux-image-({_ABI}{re.escape(suffix)}))\s*$", deps, re.M)
     if not m:
-        raise LabError(f"lab kernel: apt-cache does not know what {META_PACKAGE} depends on")
+        raise LabError(f"lab kernel: apt-cache does not know what {meta} depends on")
     image = m[1]
     show = _run(
         ["apt-cache", "show", "--no-all-versions", f"{image}-unsigned"], _APT_TIMEOUT, f"looking up {image}-unsigned"
@@ -147,19 +173,19 @@ def _apt_lookup() -> tuple[str, str]:
     return image, v[1]
 
 
-def _apt_lookup_updating() -> tuple[str, str]:
+def _apt_lookup_updating(flavour: str) -> tuple[str, str]:
     try:
-        return _apt_lookup()
+        return _apt_lookup(flavour)
     except LabError:
         if os.geteuid() != 0:
             raise
     # Fresh machines have no package lists at all; one update is worth it.
     _run(["apt-get", "update", "-q"], 600.0, "apt-get update")
-    return _apt_lookup()
+    return _apt_lookup(flavour)
 
 
-def _cached_entries(release: str | None = None) -> list[Path]:
-    """Complete cache entries, newest first, optionally only for one release."""
+def _cached_entries(release: str | None = None, flavour: str | None = None) -> list[Path]:
+    """Complete cache entries, newest first, optionally only for one release or flavour."""
     root = kernels_dir()
     if not root.is_dir():
         return []
@@ -168,6 +194,8 @@ def _cached_entries(release: str | None = None) -> list[Path]:
         if d.name.startswith(".") or not _entry_ok(d):
             continue
         if release and _read_meta(d).get("release") != release:
+            continue
+        if flavour and _entry_flavour(d) != flavour:
             continue
         found.append(d)
     return sorted(found, key=lambda d: d.stat().st_mtime, reverse=True)
@@ -181,6 +209,15 @@ def _read_meta(entry: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise LabError(f"lab kernel cache {entry}: kernel.json is not an object")
     return meta
+
+
+def _entry_flavour(entry: Path) -> str | None:
+    """Which Debian flavour a cache entry holds, from its release, or None."""
+    release = str(_read_meta(entry).get("release", ""))
+    for flavour, (_meta, suffix) in FLAVOURS.items():
+        if release.endswith(suffix) and re.fullmatch(_ABI, release.removesuffix(suffix)):
+            return flavour
+    return None
 
 
 def _image_from_entry(entry: Path) -> KernelImage:
@@ -204,12 +241,12 @@ def _image_from_entry(entry: Path) -> KernelImage:
     )
 
 
-def _auto_kernel() -> KernelImage:
+def _debian_kernel(flavour: str) -> KernelImage:
     try:
-        image, version = _apt_lookup_updating()
+        image, version = _apt_lookup_updating(flavour)
     except LabError as e:
-        # Offline or without apt lists: the newest kernel we already have still boots.
-        cached = _cached_entries()
+        # Offline or without apt lists: the newest kernel of this flavour we already have still boots.
+        cached = _cached_entries(flavour=flavour)
         if cached:
             return _image_from_entry(cached[0])
         raise LabError(f"{e} (and no kernel is cached in {kernels_dir()})") from None
@@ -224,8 +261,8 @@ def _auto_kernel() -> KernelImage:
                 _prune()
     except LabError:
         # apt's lists can name a kernel the archive no longer serves (or the network is
-        # gone): an older cached kernel is still a good lab kernel.
-        cached = _cached_entries()
+        # gone): an older cached kernel of the same flavour is still a good lab kernel.
+        cached = _cached_entries(flavour=flavour)
         if not cached:
             raise
         return _image_from_entry(cached[0])
@@ -233,8 +270,13 @@ def _auto_kernel() -> KernelImage:
 
 
 def _prune() -> None:
-    for old in _cached_entries()[KEEP_KERNELS:]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Per flavour, so fetching one flavour never evicts the only kernel of another.
+    by_flavour: dict[str | None, list[Path]] = {}
+    for entry in _cached_entries():  # newest first
+        by_flavour.setdefault(_entry_flavour(entry), []).append(entry)
+    for entries in by_flavour.values():
+        for old in entries[KEEP_KERNELS:]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _entry_ok(entry: Path) -> bool:

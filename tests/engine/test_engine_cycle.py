@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sva.engine.registry import load_detectors
 from sva.engine.engine import Engine, RunStatus
 from sva.engine.facts import (
     CycleFacts,
@@ -372,6 +373,9 @@ def test_run_repeats_cycles_until_stopped() -> None:
 
 def test_default_engine_uses_the_default_detectors_and_backend_facts() -> None:
     eng = Engine(VM, rules=RULES)
-    assert [d.id for d in eng.detectors] == ["process_policy"]
+    from detectors import DEFAULT_DETECTORS
+
+    assert [d.id for d in eng.detectors] == [d.id for d in load_detectors(DEFAULT_DETECTORS)]
+    assert [d.id for d in eng.detectors][0] == "process_policy"
     report = eng.run_cycle()
     assert report.run_of("process_policy").status == RunStatus.SKIPPED  # type: ignore[union-attr]

@@ -134,8 +134,9 @@ def test_regexes_are_compiled_at_load_and_sources_recorded(tmp_path: Path) -> No
         pytest.param(lambda t: t.replace('[ruleset]\nname = "t"\nversion = "1.0.0"\n', "\n\n\n"),
                      "f.toml:1: missing [ruleset] table (with name, version, description)", id="missing-ruleset"),
         pytest.param(lambda t: t.replace('"cmdline"', '"cmd_line"'),
-                     "f.toml:7: rule 'T-1': kind: unknown rule kind 'cmd_line' (one of cmdline, exec_path, "
-                     "parent_child, process_name)", id="unknown-kind"),
+                     # (the list of known kinds grows with the detectors; its start is stable)
+                     "f.toml:7: rule 'T-1': kind: unknown rule kind 'cmd_line' (one of cmdline, exec_path, ",
+                     id="unknown-kind"),
         pytest.param(lambda t: t.replace('"T1059.004"', '"T59"'),
                      "f.toml:11: rule 'T-1': mitre[0]: 'T59' is not a MITRE ATT&CK id (T1234, T1234.001 or TA0001)",
                      id="bad-mitre"),
