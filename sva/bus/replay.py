@@ -210,7 +210,13 @@ class ReplayClient:
             self._reset()
         self._req += 1
         req = ReplayRequest(since, until, max_events, tuple(topics), self._req)
-        self.socket.send_multipart([REQUEST_TOPIC, encode_json(req.to_json()).encode()])
+        try:
+            # Never block: a DEALER with no live peer (endpoint down, CURVE handshake
+            # refused) blocks a plain send forever. Unsent counts as unanswered, so the
+            # request expires at its deadline like any lost one and is retried.
+            self.socket.send_multipart([REQUEST_TOPIC, encode_json(req.to_json()).encode()], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
         self._pending = True
         self._events = []
         self._deadline = time.monotonic() + self.timeout
