@@ -72,3 +72,16 @@ def test_sva_scan_bad_target_is_exit_2() -> None:
     res = subprocess.run([sys.executable, "-m", "sva", "scan", "qemu:/nonexistent.sock"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "/nonexistent.sock" in res.stderr
+
+
+def test_sva_watch_prints_each_alert_once_across_cycles(lab_guest) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "sva", "watch", f"lab:{lab_guest.name}", "--detectors", "process_policy",
+         "--interval", "0.5", "--cycles", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    xmrig_pid = next(p.pid for p in lab.ps(lab_guest.name) if p.comm == "xmrig")
+    miner = [line for line in res.stdout.splitlines() if line.startswith("NEW") and "coin-miner process name" in line]
+    # Three cycles, one alert: a process that stays malicious is not re-alerted.
+    assert miner == [f"NEW [HIGH] Known coin-miner process name: pid {xmrig_pid} (xmrig)"], res.stdout[-3000:]
