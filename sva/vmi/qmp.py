@@ -50,13 +50,23 @@ class QmpClient:
             raise self._fail(f"cannot stat QMP socket: {e.strerror}") from None
         if not stat.S_ISSOCK(st.st_mode):
             raise self._fail("not a unix socket, so not a QMP monitor")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as e:
-            sock.close()
-            raise self._fail(f"cannot connect: {e.strerror or e}") from None
+        # A unix socket whose listen backlog is momentarily full (QEMU is still busy with a
+        # previous client) refuses with EAGAIN: retry that, within the timeout.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                break
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise self._fail("cannot connect: the monitor's backlog stayed full") from None
+                time.sleep(0.01)
+            except OSError as e:
+                sock.close()
+                raise self._fail(f"cannot connect: {e.strerror or e}") from None
         self._sock = sock
         try:
             greeting = self._read_message(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from sva.errors import QmpError
+from sva.vmi.qmp import QmpClient
 
 
 @dataclass
@@ -32,16 +34,15 @@ class BareVm:
 
 
 def _accepts(path: str) -> bool:
+    """The monitor answers a whole QMP handshake (the socket file appears at bind(),
+    before QEMU listens and serves)."""
     if not os.path.exists(path):
         return False
-    s = socket.socket(socket.AF_UNIX)
     try:
-        s.connect(path)
+        QmpClient(path, timeout=2.0).close()
         return True
-    except OSError:
+    except QmpError:
         return False
-    finally:
-        s.close()
 
 
 @pytest.fixture
