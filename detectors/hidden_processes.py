@@ -1,11 +1,13 @@
 """Hidden processes: a live task that one kernel view shows and another does not.
 
 Cross-view detection over the `task_views` fact (sva.guest.views): the task list, the PID
-allocator and a scan of RAM for task structures, all taken in one freeze. A rootkit that
-unlinks a task from the task list (DKOM) hides it from ps and /proc, but the task stays in
-the PID allocator and in memory. Exited tasks (zombie, dead) are left out: they leave the
-structures one after another. A view that was cut short (bound, deadline, failure) cannot
-prove an absence, so it only counts as a witness.
+allocator, a scan of RAM for task structures and the CPUs' run queues, all taken in one
+freeze. A rootkit that unlinks a task from the task list (DKOM) hides it from ps and
+/proc, but the task stays in the PID allocator, in memory and, whenever it is runnable,
+on a run queue. Exited tasks (zombie, dead) are left out: they leave the structures one
+after another. A view that was cut short (bound, deadline, failure) or that lists only
+some tasks by design (the run queues: runnable tasks only) cannot prove an absence, so
+it only counts as a witness.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class HiddenProcess(Finding):
 
 class HiddenProcesses:
     id = "hidden_processes"
-    version = "1.0.0"
+    version = "1.1.0"
     description = "processes unlinked from the task list or PID allocator but still alive (cross-view)"
     needs = frozenset({"task_views"})
     material_fields = frozenset({"seen_by", "missing_from"})
@@ -41,7 +43,7 @@ class HiddenProcesses:
 
     def check(self, rule: HiddenTaskRule, views: TaskViews) -> Iterator[Finding]:
         selected = [v for v in views.views if v.name in rule.views]
-        complete = {v.name for v in selected if not v.truncated}
+        complete = {v.name for v in selected if v.complete}
         seen: dict[int, dict[str, TaskSighting]] = {}  # phys address -> view -> sighting
         exited: set[int] = set()
         for view in selected:
@@ -55,7 +57,7 @@ class HiddenProcesses:
             missing = sorted(complete - set(by_view))
             if not missing:
                 continue
-            s = next((by_view[n] for n in ("task_list", "pid_idr", "memory_scan") if n in by_view), None) or next(
+            s = next((by_view[n] for n in ("task_list", "pid_idr", "run_queue", "memory_scan") if n in by_view), None) or next(
                 iter(by_view.values())
             )
             if s.comm in rule.allow_comms:

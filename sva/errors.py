@@ -104,3 +104,37 @@ class SignatureError(SvaError):
         self.line = line
         self.reason = message
         self.errors: tuple[SignatureError, ...] = (self,)
+
+
+class CaptureError(SvaError):
+    """A packet source cannot be opened or read (names the source: interface, socket, file)."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.reason = message
+
+
+class BundleError(SvaError):
+    """A signature bundle or feed is refused (names the bundle, file or URL).
+
+    `kind` is the machine-readable reason (a `sva.sigs.model.RejectReason` value:
+    `bad-signature`, `not-newer`, `yara-error`, …); the text says what exactly is wrong.
+    """
+
+    def __init__(self, source: str, kind: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.kind = kind
+        self.reason = message
+
+
+class InventoryError(ConfigError):
+    """A VM inventory (which MACs/IPs/ports belong to which VM) is wrong: `file:line: what`."""
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.line = line
+        self.reason = message

@@ -7,6 +7,10 @@
 
 One cycle, top to bottom:
 
+0. **Live prerequisites**: facts that need no freeze but that the frozen facts read
+   (`Engine.live_prerequisites`) are computed first, with the guest running. Expensive
+   sweeps (all of RAM for task structures, the module area for modules) go there; the
+   frozen fact re-checks only what they found, so the pause stays short.
 1. **Freeze** the guest (`backend.frozen()`; a no-op for snapshots and without a backend)
    and compute, inside it, only the facts that need a consistent view of memory
    (`provider.consistent`) among those the enabled detectors need. Providers copy what
@@ -52,6 +56,7 @@ from sva.engine.facts import (
     FactView,
     Unavailable,
     backend_fact_providers,
+    provider_requires,
 )
 from sva.engine.model import (
     Alert,
@@ -345,11 +350,27 @@ class Engine:
         det = self._by_id.get(detector_id)
         return material_fields(det) if det is not None else frozenset()
 
+    def live_prerequisites(self, consistent: Iterable[str]) -> list[str]:
+        """The facts computed with the guest running before the freeze: those the
+        `consistent` facts read (transitively) that need no freeze themselves, nor read
+        anything that does. This is where expensive scans go (a sweep of all RAM), whose
+        findings a consistent fact then re-checks cheaply inside the freeze."""
+        registry = self._facts
+        deps = {d for n in consistent if (p := registry.get(n)) is not None for d in provider_requires(p)}
+
+        def live(name: str) -> bool:
+            p = registry.get(name)
+            return p is not None and not p.consistent
+
+        return [n for n in registry.closure(deps) if live(n) and all(live(d) for d in registry.closure([n]))]
+
     def _freeze_and_collect(self, facts: CycleFacts, health: list[HealthEvent]) -> tuple[float | None, bool]:
         consistent = [n for n in self.needed_facts() if (p := self._facts.get(n)) is not None and p.consistent]
         collected = False
         if not consistent:
             return None, True  # nothing needs a consistent view: do not stop the guest at all
+        for name in self.live_prerequisites(consistent):
+            facts.get(name)  # guest running; failures become Unavailable like any fact's
         freeze = self._backend.frozen() if self._backend is not None else contextlib.nullcontext(None)
         try:
             with freeze as record:

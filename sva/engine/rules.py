@@ -288,7 +288,7 @@ class InjectedCodeRule(MemoryRule):
 
 # -- rootkits (detectors/hidden_processes.py, detectors/kernel_integrity.py) -------------
 
-TASK_VIEWS = ("task_list", "pid_idr", "memory_scan")  # the views of sva.guest.views
+TASK_VIEWS = ("task_list", "pid_idr", "memory_scan", "run_queue")  # the views of sva.guest.views
 CODE_REGIONS = ("kernel_text", "kernel_init_text", "module", "other")  # sva.guest.integrity.Region
 
 
@@ -351,6 +351,35 @@ class HiddenModuleRule(Rule):
     """Fires for a kernel module found in the module area but not on the module list."""
 
     allow_names: tuple[str, ...] = ()
+
+
+@rule_kind("ftrace_syscall_hook")
+@dataclass(frozen=True, kw_only=True)
+class FtraceSyscallHookRule(Rule):
+    """Fires for a system call handler whose fentry site is patched into a call or jump,
+    when a registered ftrace_ops whose callback lies outside `allowed_regions` selects it,
+    or when no registered ftrace_ops selects it at all (the site was written directly)."""
+
+    allowed_regions: tuple[str, ...] = field(metadata=meta(item_check=check_code_region))
+    allow_syscalls: tuple[int, ...] = ()
+    allow_modules: tuple[str, ...] = ()
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.allowed_regions:
+            yield ("allowed_regions",), "needs at least one region"
+
+
+@rule_kind("ftrace_ops")
+@dataclass(frozen=True, kw_only=True)
+class FtraceOpsRule(Rule):
+    """Fires for a registered ftrace_ops whose callback lies outside `allowed_regions`."""
+
+    allowed_regions: tuple[str, ...] = field(metadata=meta(item_check=check_code_region))
+    allow_modules: tuple[str, ...] = ()
+
+    def problems(self) -> Iterable[Problem]:
+        if not self.allowed_regions:
+            yield ("allowed_regions",), "needs at least one region"
 
 
 # -- suppressions -----------------------------------------------------------------------

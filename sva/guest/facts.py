@@ -17,7 +17,7 @@ Detector authors add providers of their own with `session.provider(name, fn)`, w
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sva.engine.facts import FactContext, FactProvider, FunctionProvider, Unavailable
@@ -63,9 +63,14 @@ class GuestSession:
         return self._boot_id
 
     def provider(
-        self, name: str, fn: Callable[[GuestContext, FactContext], Any], consistent: bool = True
+        self,
+        name: str,
+        fn: Callable[[GuestContext, FactContext], Any],
+        consistent: bool = True,
+        requires: Iterable[str] = (),
     ) -> FactProvider:
-        """A fact computed from the live volatility3 context."""
+        """A fact computed from the live volatility3 context; `requires` names the other
+        facts `fn` reads through `ctx.fact`."""
 
         def compute(ctx: FactContext) -> Any:
             try:
@@ -74,7 +79,7 @@ class GuestSession:
                 return Unavailable(f"guest symbols/context: {e}")
             return fn(gc, ctx)
 
-        return FunctionProvider(name=name, fn=compute, consistent=consistent)
+        return FunctionProvider(name=name, fn=compute, consistent=consistent, requires=frozenset(requires))
 
     def providers(self) -> list[FactProvider]:
         from sva.guest.processes import list_modules, list_processes

@@ -1,14 +1,18 @@
 """Kernel integrity facts: the 64-bit syscall table, the IDT and modules hidden from the list.
 
-Facts provided (all immutable, computed inside the freeze):
+Facts provided (all immutable, computed inside the freeze but `module_carve`):
   syscall_table   tuple[SyscallEntry, ...]: every entry of `sys_call_table`; the count is
                   the ISF symbol's array count (451 on 6.1, sized from the data by
                   sva.symbols.isf), not volatility3's guess.
   idt_entries     tuple[IdtEntry, ...]: the 256 gates of `idt_table`.
-  hidden_modules  tuple[HiddenModule, ...]: `struct module`s carved from the module area
-                  that are not on the module list (volatility3's linux.hidden_modules
-                  logic, called as a library because the plugin refuses non-dwarf2json
-                  tables; see sva.symbols.isf).
+  module_carve    ModuleCarve: every `struct module` carved from the module area, with
+                  the guest running (the slow part: about half a second on the lab)
+  hidden_modules  tuple[HiddenModule, ...]: `struct module`s of the carve that are not
+                  on the module list at the frozen moment, re-checked in the freeze
+                  (volatility3's linux.hidden_modules logic, called as a library because
+                  the plugin refuses non-dwarf2json tables; see sva.symbols.isf).
+  ftrace_hooks    sva.guest.ftrace.FtraceHooks: syscall handlers whose ftrace site is
+                  patched, and the registered ftrace_ops (see that module).
 
 Each handler address comes with what kallsyms says is there (the symbol starting at that
 address, if any), whether it lies in the kernel's text (_stext.._etext, relocated by the
@@ -25,7 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sva.engine.facts import FactContext, FactProvider
+from sva.engine.facts import FactContext, FactProvider, Unavailable
+from sva.errors import ConfigError
 from sva.guest.context import GuestContext
 from sva.guest.processes import canonical
 from sva.guest.views import forget_cached_reads
@@ -85,7 +90,9 @@ class HiddenModule:
 
 
 @dataclass(frozen=True, slots=True)
-class _ModuleArea:
+class ModuleArea:
+    """A listed module's core (code and data) area."""
+
     name: str
     start: int  # 48-bit masked, as volatility3 hands out addresses
     end: int
@@ -110,7 +117,7 @@ class _Resolver:
         if self.text == (0, 0):
             raise ValueError("the symbol table has no _stext/_etext")
         self.init_text = bounds("_sinittext", "_einittext")
-        self.areas = tuple(_module_areas(gc))
+        self.areas = tuple(module_areas(gc))
 
     def target(self, address: int) -> CodeTarget:
         masked = address & ADDR48
@@ -132,15 +139,16 @@ class _Resolver:
         return CodeTarget(address, symbols, region, module)
 
 
-def _module_areas(gc: GuestContext) -> list[_ModuleArea]:
+def module_areas(gc: GuestContext) -> list[ModuleArea]:
+    """The core areas of the modules on the module list (at most MAX_MODULES)."""
     from volatility3.framework.symbols.linux.utilities.modules import Modules
 
-    out: list[_ModuleArea] = []
+    out: list[ModuleArea] = []
     for mod in itertools.islice(Modules.list_modules(gc.context, gc.module.name), MAX_MODULES):
         try:
             name = str(mod.get_name() or "?")
             base, size = int(mod.get_module_base()) & ADDR48, int(mod.get_core_size())
-            out.append(_ModuleArea(name, base, base + size))
+            out.append(ModuleArea(name, base, base + size))
         except Exception:  # noqa: BLE001, S112 - a module we cannot size owns nothing
             continue
     return out
@@ -191,37 +199,89 @@ def _module_area_bounds(gc: GuestContext) -> tuple[int, int]:
     return lo, hi
 
 
-def hidden_modules(gc: GuestContext, ctx: FactContext) -> tuple[HiddenModule, ...]:
-    """Modules carved from the module area that the module list does not have."""
+@dataclass(frozen=True, slots=True)
+class ModuleCarve:
+    """The `module_carve` fact: addresses (48-bit) of every `struct module` carved from the
+    module area with the guest running, listed or not. Only leads: `hidden_modules`
+    re-checks, inside the freeze, those that are not on the module list then."""
+
+    addresses: tuple[int, ...]
+    cycle: int
+    truncated: str = ""
+
+
+def carve_modules(gc: GuestContext, ctx: FactContext) -> ModuleCarve:
+    """Every struct module in the module area (volatility3's linux.hidden_modules carving
+    with no module known, so that a module unlinked after the carve is still a lead)."""
     from volatility3.framework.symbols.linux.utilities.modules import Modules
 
+    lo, hi = _module_area_bounds(gc)
+    found: list[int] = []
+    truncated = ""
+    for start in range(lo, hi, MODULE_SCAN_CHUNK):  # in chunks, to watch the deadline
+        if ctx.time_left() <= 0:
+            truncated = f"cycle deadline reached carving modules at 0x{start:x}"
+            break
+        end = min(start + MODULE_SCAN_CHUNK, hi)
+        for mod in Modules.get_hidden_modules(gc.context, gc.module.name, set(), (start, end)):
+            found.append(int(mod.vol.offset) & ADDR48)
+            if len(found) >= MAX_MODULES + MAX_HIDDEN_MODULES:
+                return ModuleCarve(tuple(found), ctx.cycle, f"stopped after {len(found)} modules")
+    return ModuleCarve(tuple(found), ctx.cycle, truncated)
+
+
+class ModuleCarver:
+    """The `module_carve` provider's state: carves every `every`-th cycle and hands out
+    the last carve in between. The trade-off of `every` > 1: carving costs CPU (never
+    pause time); between carves every earlier lead is still re-checked in each freeze,
+    so only a module that is both new and hidden waits for the next carve."""
+
+    def __init__(self, every: int = 1) -> None:
+        if every < 1:
+            raise ConfigError(f"module carve interval must be at least 1 cycle, not {every}")
+        self.every = every
+        self.last: ModuleCarve | None = None
+        self._gc: GuestContext | None = None
+
+    def compute(self, gc: GuestContext, ctx: FactContext) -> ModuleCarve:
+        last = self.last
+        if last is not None and self._gc is gc and 0 <= ctx.cycle - last.cycle < self.every and not last.truncated:
+            return last
+        forget_cached_reads()
+        self.last, self._gc = carve_modules(gc, ctx), gc
+        return self.last
+
+
+def hidden_modules(gc: GuestContext, ctx: FactContext) -> tuple[HiddenModule, ...]:
+    """Modules of the live carve (`module_carve` fact) that the module list does not have
+    at the frozen moment, each re-checked now (self-reference and volatility3's sanity
+    checks) so that a module loaded or unloaded since the carve is not reported."""
+    from volatility3.framework.symbols.linux.utilities.modules import Modules
+
+    carve = ctx.fact("module_carve")
+    if isinstance(carve, Unavailable):
+        raise ValueError(f"module_carve: {carve.reason}")
     kernel = gc.context.layers[gc.module.layer_name]
     known = {
-        kernel.canonicalize(m.vol.offset)
+        kernel.canonicalize(m.vol.offset) & ADDR48
         for m in itertools.islice(Modules.list_modules(gc.context, gc.module.name), MAX_MODULES)
     }
-    lo, hi = _module_area_bounds(gc)
     out = []
-
-    def found() -> Iterator[Any]:
-        for start in range(lo, hi, MODULE_SCAN_CHUNK):  # in chunks, to watch the deadline
-            if ctx.time_left() <= 0:
-                raise TimeoutError(f"cycle deadline reached carving modules at 0x{start:x}")
-            end = min(start + MODULE_SCAN_CHUNK, hi)
-            yield from Modules.get_hidden_modules(gc.context, gc.module.name, known, (start, end))
-
-    for mod in itertools.islice(found(), MAX_HIDDEN_MODULES):
-        try:
-            name = str(mod.get_name() or "?")
-        except Exception:  # noqa: BLE001
-            name = "?"
-        base: int | None
-        size: int | None
-        try:
-            base, size = canonical(int(mod.get_module_base()) & ADDR48), int(mod.get_core_size())
-        except Exception:  # noqa: BLE001
-            base, size = None, None
-        out.append(HiddenModule(name, canonical(int(mod.vol.offset) & ADDR48), base, size))
+    for address in carve.addresses:
+        if address in known or len(out) >= MAX_HIDDEN_MODULES:
+            continue
+        for mod in Modules.get_hidden_modules(gc.context, gc.module.name, known, (address, address + 1)):
+            try:
+                name = str(mod.get_name() or "?")
+            except Exception:  # noqa: BLE001
+                name = "?"
+            base: int | None
+            size: int | None
+            try:
+                base, size = canonical(int(mod.get_module_base()) & ADDR48), int(mod.get_core_size())
+            except Exception:  # noqa: BLE001
+                base, size = None, None
+            out.append(HiddenModule(name, canonical(int(mod.vol.offset) & ADDR48), base, size))
     return tuple(out)
 
 
@@ -233,10 +293,17 @@ def _fresh(fn: Callable[[GuestContext, FactContext], Any]) -> Callable[[GuestCon
     return compute
 
 
-def integrity_providers(session: Any) -> list[FactProvider]:
-    """`syscall_table`, `idt_entries` and `hidden_modules` for a `GuestSession`."""
+def integrity_providers(session: Any, carve_every: int = 1) -> list[FactProvider]:
+    """`syscall_table`, `idt_entries`, `module_carve` (live, every `carve_every`-th cycle:
+    see ModuleCarver), `hidden_modules` and `ftrace_hooks` (see sva.guest.ftrace) for a
+    `GuestSession`."""
+    from sva.guest.ftrace import ftrace_provider
+
+    carver = ModuleCarver(carve_every)
     return [
         session.provider("syscall_table", _fresh(syscall_table)),
         session.provider("idt_entries", _fresh(idt_entries)),
-        session.provider("hidden_modules", _fresh(hidden_modules)),
+        session.provider("module_carve", carver.compute, consistent=False),
+        session.provider("hidden_modules", _fresh(hidden_modules), requires=("module_carve",)),
+        ftrace_provider(session),
     ]

@@ -9,6 +9,7 @@ the guest runs again (in a `finally`), so the guest kernel never executes with t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from sva import lab as sva_lab
 from sva.engine.engine import Engine
 from sva.engine.facts import (
     CycleFacts,
@@ -32,7 +34,7 @@ from sva.engine.facts import (
 from sva.engine.model import VmIdentity
 from sva.engine.registry import load_detectors
 from sva.engine.ruleload import load_rules
-from sva.engine.rules import default_rules_dir
+from sva.engine.rules import HiddenTaskRule, default_rules_dir
 from sva.engine.testing import shipped_rules
 from sva.guest.facts import GuestSession
 from sva.guest.integrity import (
@@ -44,7 +46,14 @@ from sva.guest.integrity import (
     integrity_providers,
 )
 from sva.guest.processes import list_modules, list_processes
-from sva.guest.views import TaskSighting, TaskView, TaskViews, view_providers
+from sva.guest.views import (
+    TaskSighting,
+    TaskView,
+    TaskViews,
+    run_queue_view,
+    task_list_view,
+    view_providers,
+)
 from sva.vmi import open_target
 
 lab = pytest.mark.lab
@@ -156,11 +165,28 @@ def test_cross_view_ignores_exited_tasks_and_cut_short_views() -> None:
     assert f.kind == "rootkit.hidden_process" and f.subject == ("task", "0x2000")
 
 
+def test_run_queue_view_is_a_witness_never_proof_of_absence() -> None:
+    busy, sleeper = sighting(20, 0x4000, comm="busy"), sighting(21, 0x5000, comm="sleeper")
+    views = TaskViews((
+        TaskView("task_list", (sleeper,)),
+        TaskView("pid_idr", (busy, sleeper)),
+        TaskView("memory_scan", (busy, sleeper)),
+        TaskView("run_queue", (busy,), exhaustive=False),
+    ))  # fmt: skip
+    # The sleeper is on no run queue, as sleeping tasks never are: not a finding. The busy
+    # task is off the task list and the run queue testifies that it exists.
+    (f,) = run_detector("hidden_processes", task_views=views)
+    assert (f.evidence["pid"], f.evidence["missing_from"]) == (20, ["task_list"])
+    assert f.evidence["seen_by"] == ["memory_scan", "pid_idr", "run_queue"]
+
+
 def target(address: int, region: Region, *symbols: str, module: str | None = None) -> CodeTarget:
     return CodeTarget(address, symbols, region, module)
 
 
 def test_syscall_idt_and_module_judgement() -> None:
+    from sva.guest.ftrace import FtraceHooks
+
     text = 0xFFFFFFFF81000000
     table = (
         SyscallEntry(0, target(text, Region.KERNEL_TEXT, "__x64_sys_read")),
@@ -175,7 +201,8 @@ def test_syscall_idt_and_module_judgement() -> None:
         IdtEntry(200, False, target(0, Region.OTHER)),  # not present: never used
     )
     mods = (HiddenModule("diamorphine", 0xFFFFFFFFC0002000, 0xFFFFFFFFC0000000, 4096),)
-    found = run_detector("kernel_integrity", syscall_table=table, idt_entries=idt, hidden_modules=mods)
+    found = run_detector("kernel_integrity", syscall_table=table, idt_entries=idt, hidden_modules=mods,
+                         ftrace_hooks=FtraceHooks((), (), 0))  # fmt: skip
     assert [(f.kind, f.subject) for f in found] == [
         ("rootkit.syscall_hook", ("syscall", 2)),
         ("rootkit.syscall_hook", ("syscall", 3)),
@@ -184,6 +211,35 @@ def test_syscall_idt_and_module_judgement() -> None:
     ]
     assert found[1].evidence["target_module"] == "rootkit" and "module rootkit" in found[1].title
     assert found[2].evidence["target"] == "0x4141414141414141"
+
+
+def test_ftrace_judgement_and_site_decoding() -> None:
+    from sva.guest.ftrace import FtraceHooks, FtraceOps, PatchedSite, decode_site
+
+    text, tramp = 0xFFFFFFFF81000000, 0xFFFFFFFFC0100000
+    site_a, site_b, site_c = text + 0x100, text + 0x200, text + 0x300
+    kprobe = FtraceOps(0xFFFF888000001000, target(text + 0x50, Region.KERNEL_TEXT, "kprobe_ftrace_handler"),
+                       0, tramp, (site_a,), False)  # fmt: skip
+    rootkit = FtraceOps(0xFFFF888000002000, target(0xFFFFFFFFC0001000, Region.MODULE, module="rk"), 0, tramp,
+                        (site_b, text + 0x999), False)  # fmt: skip
+    patched = tuple(
+        PatchedSite(name, (nr,), site, "call", target(tramp, Region.OTHER))
+        for name, nr, site in (("__x64_sys_a", 1, site_a), ("__x64_sys_b", 2, site_b), ("__x64_sys_c", 3, site_c))
+    )
+    hooks = FtraceHooks((kprobe, rootkit), patched, 300)
+    found = run_detector("kernel_integrity", syscall_table=(), idt_entries=(), hidden_modules=(), ftrace_hooks=hooks)
+    # a: a kprobe, the kernel's own tracer; b: the module's ops; c: patched, no ops claims it.
+    assert [(f.kind, f.subject) for f in found] == [
+        ("rootkit.ftrace_syscall_hook", ("ftrace-syscall", "__x64_sys_b")),
+        ("rootkit.ftrace_syscall_hook", ("ftrace-syscall", "__x64_sys_c")),
+        ("rootkit.ftrace_ops", ("ftrace-ops", "0xffff888000002000")),
+    ]
+    assert found[0].evidence["hooked_by"][0]["callback_module"] == "rk" and "module rk" in found[0].title
+    assert not found[1].evidence["claimed_by_ftrace"] and found[1].evidence["entries"] == [3]
+    # The fentry site: a NOP is untraced; after endbr64 (IBT) a call; a backward jmp.
+    assert decode_site(bytes.fromhex("0f1f440000"), text) is None
+    assert decode_site(bytes.fromhex("f30f1efae8fb0f0000"), text) == (text + 4, "call", text + 4 + 5 + 0xFFB)
+    assert decode_site(b"\xe9" + struct.pack("<i", -0x1005), text) == (text, "jmp", text - 0x1000)
 
 
 @lab
@@ -236,6 +292,47 @@ def test_dkom_unlinked_task_is_found_and_resolves(harness) -> None:
     assert not alerts_of(after, "rootkit.hidden_process", "new")
 
 
+def _fact_context(backend: Any) -> Any:
+    from sva.engine.facts import FactContext, FunctionProvider
+
+    return FactContext(CycleFacts(FactRegistry(), backend=backend), FunctionProvider("test", lambda _c: None))
+
+
+@lab
+def test_busy_task_unlinked_from_the_task_list_is_seen_on_the_run_queue(harness) -> None:
+    # A busy loop is always runnable: with the lab's one vCPU it is rq->curr (or in the CFS
+    # tree when a kworker preempted it) at whatever moment the guest is paused.
+    res = sva_lab.exec_in(harness.guest.name, 'sh -c "while :; do :; done" </dev/null >/dev/null 2>&1 & echo $!')
+    pid = int(res.output.strip().splitlines()[-1])
+    try:
+        with harness.backend.frozen():
+            busy = next(p for p in list_processes(harness.gc, details=False) if p.pid == pid)
+            node = busy.task_address + harness.offset("task_struct", "tasks")
+            nxt, prv = harness.read_u64(node), harness.read_u64(node + 8)
+            writes = [(harness.phys(prv), struct.pack("<Q", nxt)), (harness.phys(nxt + 8), struct.pack("<Q", prv))]
+            with harness.patched(writes):
+                report = harness.cycle()
+                # The run queues alone, against the task list, also find it.
+                ctx = _fact_context(harness.backend)
+                harness.gc.begin_cycle()
+                two = TaskViews((task_list_view(harness.gc, ctx), run_queue_view(harness.gc, ctx)))
+        (rule,) = [r for r in shipped_rules().of_kind(HiddenTaskRule)]
+        (only_rq,) = harness.engine.detectors[0].check(  # type: ignore[attr-defined]
+            dataclasses.replace(rule, views=("task_list", "run_queue")), two
+        )
+        assert only_rq.evidence["pid"] == pid and only_rq.evidence["seen_by"] == ["run_queue"]
+        hidden = alerts_of(report, "rootkit.hidden_process", "new")
+        assert [a.finding.evidence["pid"] for a in hidden] == [pid], [a.finding.title for a in report.alerts]
+        ev = hidden[0].finding.evidence
+        assert "run_queue" in ev["seen_by"] and ev["missing_from"] == ["task_list"]
+        assert int(ev["task_address"], 16) == busy.task_address
+        after = harness.cycle()
+        assert [a.finding.evidence["pid"] for a in alerts_of(after, "rootkit.hidden_process", "resolved")] == [pid]
+        assert not alerts_of(after, "rootkit.hidden_process", "new")
+    finally:
+        sva_lab.exec_in(harness.guest.name, f"kill {pid}")
+
+
 @lab
 def test_syscall_and_idt_hooks_are_found(harness) -> None:
     sct = harness.symbol_va("sys_call_table")
@@ -260,6 +357,94 @@ def test_syscall_and_idt_hooks_are_found(harness) -> None:
     assert {a.finding.kind for a in after.alerts if a.state.value == "resolved"} == {
         "rootkit.syscall_hook", "rootkit.idt_hook",
     }  # fmt: skip
+
+
+def _syscall_number(harness: Harness, handler: str) -> int:
+    sct, want = harness.symbol_va("sys_call_table"), harness.symbol_va(handler) & ADDR48
+    raw = harness.backend.read(harness.phys(sct), 8 * 512)
+    return next(i for i, (a,) in enumerate(struct.iter_unpack("<Q", raw)) if a & ADDR48 == want)
+
+
+def _zero_page(harness: Harness, page_offset_base: int) -> int:
+    """A guest-physical page of zeros that the kernel's direct map covers (a free page, most
+    likely): scratch space for fake kernel structures while the guest is frozen."""
+    size = harness.backend.memory_size
+    for pa in range(size * 3 // 4, size // 4, -4096):
+        if harness.backend.read(pa, 4096) != bytes(4096):
+            continue
+        try:
+            if harness.phys(page_offset_base + pa) == pa:
+                return pa
+        except Exception:  # noqa: BLE001, S112 - not in the direct map: try another
+            continue
+    raise AssertionError("no mapped zero page in the lab guest's RAM")
+
+
+def _rel32(site: int, target: int) -> bytes:
+    return struct.pack("<i", (target - (site + 5)) - (1 << 64 if target - (site + 5) >= 1 << 63 else 0))
+
+
+@lab
+def test_ftrace_hooks_on_syscalls_are_found(harness) -> None:
+    """An ftrace-helper style rootkit, simulated in the frozen guest: an ftrace_ops whose
+    callback lies in a module, filtered on kexec_load (busybox init never calls it), and
+    that handler's fentry NOP turned into a call to a trampoline; plus acct's fentry site
+    overwritten with a jump that no ftrace_ops explains (an inline hook)."""
+    from sva.guest.integrity import module_areas
+
+    hooked, inline = "__x64_sys_kexec_load", "__x64_sys_acct"
+    hooked_nr, inline_nr = _syscall_number(harness, hooked), _syscall_number(harness, inline)
+    areas = sorted(module_areas(harness.gc), key=lambda a: a.start)
+    owner = areas[len(areas) // 2]
+    callback = 0xFFFF000000000000 | (owner.start + 0x10)  # inside a listed module's core
+    trampoline = 0xFFFF000000000000 | (areas[0].start - 0x1000)  # module space no module owns
+    off = {m: harness.offset("ftrace_ops", m) for m in ("func", "next", "flags", "func_hash", "trampoline")}
+    with harness.backend.frozen():
+        pob = harness.read_u64(harness.symbol_va("page_offset_base"))
+        scratch = _zero_page(harness, pob)
+        ops, ops_hash, hash_, bucket, entry = (pob + scratch + o for o in (0, 0x200, 0x300, 0x400, 0x500))
+        sites = {h: harness.symbol_va(h) | 0xFFFF000000000000 for h in (hooked, inline)}
+        for h, va in sites.items():  # after endbr64 on IBT kernels
+            if harness.backend.read(harness.phys(va), 4) == bytes.fromhex("f30f1efa"):
+                sites[h] = va + 4
+        page = bytearray(4096)
+        struct.pack_into("<Q", page, off["func"], callback)
+        struct.pack_into("<Q", page, off["next"], harness.symbol_va("ftrace_list_end") | 0xFFFF000000000000)
+        struct.pack_into("<Q", page, off["flags"], 0x1 | 0x4 | 0x2000)  # ENABLED | SAVE_REGS | IPMODIFY
+        struct.pack_into("<Q", page, off["func_hash"], ops_hash)
+        struct.pack_into("<Q", page, off["trampoline"], trampoline)
+        struct.pack_into("<Q", page, 0x200 + harness.offset("ftrace_ops_hash", "filter_hash"), hash_)
+        struct.pack_into("<Q", page, 0x300 + harness.offset("ftrace_hash", "buckets"), bucket)
+        struct.pack_into("<Q", page, 0x300 + harness.offset("ftrace_hash", "count"), 1)
+        struct.pack_into("<Q", page, 0x400, entry)
+        struct.pack_into("<Q", page, 0x500 + harness.offset("ftrace_func_entry", "ip"), sites[hooked])
+        writes = [
+            (scratch, bytes(page)),
+            (harness.phys(harness.symbol_va("ftrace_ops_list")), struct.pack("<Q", ops)),
+            (harness.phys(sites[hooked]), b"\xe8" + _rel32(sites[hooked], trampoline)),
+            (harness.phys(sites[inline]), b"\xe9" + _rel32(sites[inline], trampoline + 0x40)),
+        ]
+        with harness.patched(writes):
+            report = harness.cycle()
+    found = alerts_of(report, "rootkit.ftrace_syscall_hook", "new")
+    by_handler = {a.finding.evidence["handler"]: a.finding.evidence for a in found}
+    assert sorted(by_handler) == sorted([hooked, inline]), [a.finding.title for a in report.alerts]
+    ev = by_handler[hooked]
+    assert ev["entries"] == [hooked_nr] and ev["instruction"] == "call" and ev["claimed_by_ftrace"]
+    assert ev["target"] == f"0x{trampoline:x}" and ev["site"] == f"0x{sites[hooked]:x}"
+    (by,) = ev["hooked_by"]
+    assert (by["ops"], by["callback"], by["callback_module"]) == (f"0x{ops:x}", f"0x{callback:x}", owner.name)
+    ev = by_handler[inline]
+    assert ev["entries"] == [inline_nr] and ev["instruction"] == "jmp" and not ev["claimed_by_ftrace"]
+    assert ev["target"] == f"0x{trampoline + 0x40:x}" and ev["hooked_by"] == []
+    (ops_alert,) = alerts_of(report, "rootkit.ftrace_ops", "new")
+    assert ops_alert.finding.evidence["callback_module"] == owner.name
+    assert ops_alert.finding.evidence["filter"] == [f"0x{sites[hooked]:x}"]
+    others = [a.finding.title for a in report.alerts if not a.finding.kind.startswith("rootkit.ftrace")]
+    assert not others, others
+    after = harness.cycle()
+    assert {a.finding.kind for a in after.resolved} == {"rootkit.ftrace_syscall_hook", "rootkit.ftrace_ops"}
+    assert len(after.resolved) == 3 and not after.new
 
 
 @lab
