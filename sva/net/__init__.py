@@ -1,0 +1,1 @@
+"""Mirrored virtual-switch traffic: capture sources, the per-packet fast path, flows and detection."""
