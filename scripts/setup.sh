@@ -11,6 +11,8 @@ APT_PACKAGES=(
   libglib2.0-0         # needed by the libvmi wheel
   python3 python3-venv python3-dev gcc
   iproute2 ca-certificates
+  tcpdump tcpreplay iputils-ping  # sva/net: BPF compile, capture tests and bench_net.py
+  nmap dsniff dnsutils openssl   # sva/net detection tests: port scans, arpspoof, dig, TLS ClientHello
 )
 
 if [ "$(id -u)" -ne 0 ]; then

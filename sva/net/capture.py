@@ -48,6 +48,7 @@ class CaptureStats:
     malformed: int  # frames the parser flagged (filled in by the fast path)
     elapsed: float  # seconds since the source was opened
     mode: str = ""  # how frames are read: "tpacket_v3", "recv", "file", "stream"
+    link_errors: int = 0  # interface went down/away while capturing (frames in that gap are not seen)
 
     @property
     def rate(self) -> float:
@@ -248,12 +249,18 @@ TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 ETH_P_ALL = 3
 
-BLOCK_SIZE = 1 << 20  # 1 MiB blocks: many frames per hand-over, still a small allocation
+# A block is handed over when full or when RETIRE_TOV_MS passes, partly filled. A retired
+# block takes a whole block's room in the ring however few frames it holds, so at moderate
+# rates the ring's depth is block count x timeout, not its size in bytes: many smaller
+# blocks and a less eager timeout keep a short stall of the reader from becoming loss
+# (1 MiB blocks retired every 10 ms dropped frames at 47 k packets/s with a 4 MiB ring).
+BLOCK_SIZE = 1 << 18  # 256 KiB: hundreds of frames per hand-over
 FRAME_SIZE = 2048  # TPACKET_V3 packs frames by size; this only sets the nominal frame count
-RETIRE_TOV_MS = 10  # a partly filled block is handed over after this long: bounds latency
+RETIRE_TOV_MS = 50  # bounds how long a frame can wait in a partly filled block
 
 _BLOCK_HDR = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at +8)
-_PKT_HDR = struct.Struct("=IIIIIIHHIIH")  # tpacket3_hdr through hv1.tp_vlan_tpid
+_PKT_HDR = struct.Struct("=IIIIIIH")  # tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac
+_VLAN = struct.Struct("=IH")  # hv1.tp_vlan_tci, hv1.tp_vlan_tpid (at +32, after tp_net and hv1.tp_rxhash)
 _U32 = struct.Struct("=I")
 _AUX = struct.Struct("=IIIHHHH")  # tpacket_auxdata
 _STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cnt
@@ -284,10 +291,12 @@ class InterfaceSource:
         self._bytes = 0
         self._truncated = 0
         self._ring_errors = 0
+        self._link_errors = 0  # socket errors reported by poll (link down/removed)
         self._k_packets = 0
         self._k_drops = 0
         self._k_freeze = 0
         self._closed = False
+        self._lock = threading.Lock()
         try:
             for ifname in ifaces:
                 self._rings.append(self._open(ifname, ring_mb, use_ring, bpf))
@@ -297,7 +306,7 @@ class InterfaceSource:
         modes = {"recv" if r.mm is None else "tpacket_v3" for r in self._rings}
         self.mode = "+".join(sorted(modes))
         self._poll = select.poll()
-        self._by_fd = {}
+        self._by_fd: dict[int, _Ring] = {}
         for r in self._rings:
             self._poll.register(r.sock.fileno(), select.POLLIN | select.POLLERR)
             self._by_fd[r.sock.fileno()] = r
@@ -352,31 +361,42 @@ class InterfaceSource:
     # Reading --------------------------------------------------------------------------
     def batches(self, stop: threading.Event | None = None, timeout: float = 0.2) -> Iterator[list[RawFrame]]:
         poll_ms = max(0, int(timeout * 1000))
+        idle_polls = 0
         while not self._closed and not (stop is not None and stop.is_set()):
             batch: list[RawFrame] = []
-            for r in self._rings:
-                if r.mm is not None:
-                    self._drain_ring(r, batch)
-                else:
-                    self._drain_socket(r, batch)
+            with self._lock:  # close() from another thread waits for the ring walk to finish
+                if self._closed:
+                    return
+                for r in self._rings:
+                    if r.mm is not None:
+                        self._drain_ring(r, batch)
+                    else:
+                        self._drain_socket(r, batch)
             if batch:
+                idle_polls = 0
                 self._packets += len(batch)
                 yield batch
                 continue
-            try:
-                self._poll.poll(poll_ms)
-            except InterruptedError:
-                pass
-            if not self._ready():
+            if idle_polls:
+                # Readable, yet nothing to read (a block retired between the checks): hand the
+                # caller an empty batch so a spurious wake-up can never turn into a busy loop.
+                idle_polls = 0
                 yield []
-
-    def _ready(self) -> bool:
-        for r in self._rings:
-            if r.mm is None:
-                return True  # a plain socket: try a read, it is non-blocking
-            if _BLOCK_HDR.unpack_from(r.mm, r.index * BLOCK_SIZE + 8)[0] & TP_STATUS_USER:
-                return True
-        return False
+                continue
+            try:
+                events = self._poll.poll(poll_ms)
+            except InterruptedError:
+                events = []
+            for fd, ev in events:
+                if ev & select.POLLERR:
+                    # The interface went down (ENETDOWN) or away: read the error to clear it,
+                    # count it, and keep reading (a link that comes back up delivers again).
+                    self._by_fd[fd].sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    self._link_errors += 1
+            if events:
+                idle_polls += 1
+            else:
+                yield []
 
     def _drain_ring(self, r: _Ring, out: list[RawFrame]) -> None:
         """Move the frames of every block the kernel has handed over into `out` (up to MAX_BATCH)."""
@@ -384,6 +404,7 @@ class InterfaceSource:
         assert mm is not None
         unpack_block = _BLOCK_HDR.unpack_from
         unpack_pkt = _PKT_HDR.unpack_from
+        unpack_vlan = _VLAN.unpack_from
         label = r.label
         snap = self.snaplen
         append = out.append
@@ -398,12 +419,12 @@ class InterfaceSource:
             limit = base + BLOCK_SIZE
             for _ in range(min(num, BLOCK_SIZE // 32)):
                 p = base + off
-                if p + _PKT_HDR.size > limit:
+                if p + 40 > limit:  # through hv1.tp_vlan_tpid
                     self._ring_errors += 1
                     break
-                nxt, sec, nsec, caplen, wirelen, pstatus, mac, _net, _hash, tci, tpid = unpack_pkt(mm, p)
+                nxt, sec, nsec, caplen, wirelen, pstatus, mac = unpack_pkt(mm, p)
                 start = p + mac
-                end = start + caplen
+                end = start + (caplen if caplen <= snap else snap)
                 if end > limit:
                     self._ring_errors += 1
                     break
@@ -411,12 +432,12 @@ class InterfaceSource:
                 if pstatus & TP_STATUS_VLAN_VALID:
                     # The kernel took the outermost tag off into the header; put it back so the
                     # frame is what was on the wire and the parser sees the VLAN.
+                    tci, tpid = unpack_vlan(mm, p + 32)
                     tp = tpid if pstatus & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
                     frame = frame[:12] + struct.pack("!HH", tp, tci) + frame[12:]
                     wirelen += 4
-                if len(frame) > snap:
-                    frame = frame[:snap]
-                if len(frame) < wirelen:
+                    caplen += 4
+                if caplen < wirelen or caplen > snap:
                     truncated += 1
                 n_bytes += wirelen
                 append((sec + nsec * 1e-9, frame, wirelen, label))
@@ -476,8 +497,9 @@ class InterfaceSource:
             self._k_drops += drops
 
     def stats(self) -> CaptureStats:
-        if not self._closed:
-            self._read_kernel_stats()
+        with self._lock:
+            if not self._closed:
+                self._read_kernel_stats()
         return CaptureStats(
             self.name,
             self._packets,
@@ -488,18 +510,20 @@ class InterfaceSource:
             0,
             time.monotonic() - self._opened,
             self.mode,
+            self._link_errors,
         )
 
     def close(self) -> None:
-        if self._closed:
-            return
-        if self._rings:
-            self._read_kernel_stats()
-        self._closed = True
-        for r in self._rings:
-            if r.mm is not None:
-                r.mm.close()
-            r.sock.close()
+        with self._lock:
+            if self._closed:
+                return
+            if self._rings:
+                self._read_kernel_stats()
+            self._closed = True
+            for r in self._rings:
+                if r.mm is not None:
+                    r.mm.close()
+                r.sock.close()
 
 
 # -- QEMU filter-mirror -------------------------------------------------------------------
@@ -596,10 +620,12 @@ class QemuMirrorSource:
             buf += chunk
             frames: list[RawFrame] = []
             now = time.time()
+            bad: CaptureError | None = None
             while len(buf) - pos >= 4:
                 n = int.from_bytes(buf[pos : pos + 4], "big")
                 if n == 0 or n > MIRROR_MAX_FRAME:
-                    raise CaptureError(self.name, f"bad frame length {n} in the mirror stream (not a filter-mirror socket, or vnet_hdr_support is on)")
+                    bad = CaptureError(self.name, f"bad frame length {n} in the mirror stream (not a filter-mirror socket, or vnet_hdr_support is on)")
+                    break
                 if len(buf) - pos - 4 < n:
                     break
                 frame = bytes(buf[pos + 4 : pos + 4 + min(n, snap)])
@@ -618,6 +644,8 @@ class QemuMirrorSource:
                         frames = frames[: max(room, 0)]
                     queue.extend(frames)
                     self._cond.notify_all()
+            if bad is not None:
+                raise bad  # after the frames before it are queued: they were fine
 
     def batches(self, stop: threading.Event | None = None, timeout: float = 0.2) -> Iterator[list[RawFrame]]:
         queue = self._queue

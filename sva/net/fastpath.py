@@ -23,6 +23,22 @@ DHCP_PORTS = frozenset((67, 68))
 TLS_PORT = 443
 
 
+def wants_deep(h: Headers) -> bool:
+    """Whether an IP frame goes to the deep path (ARP is decided before: all well-formed ARP does)."""
+    proto = h.proto
+    if proto == 6:
+        pl = h.payload
+        if h.sport == DNS_PORT or h.dport == DNS_PORT:
+            return True
+        if pl < 0:
+            return False
+        frame = h.frame
+        return h.dport == TLS_PORT or (frame[pl] == 0x16 and frame[pl + 1 : pl + 2] == b"\x03") or frame[pl : pl + 4] in HTTP_METHOD_PREFIXES
+    if proto == 17:
+        return h.sport == DNS_PORT or h.dport == DNS_PORT or h.sport in DHCP_PORTS or h.dport in DHCP_PORTS
+    return proto == 1 or proto == 58
+
+
 class FastPath:
     """Per batch: parse, count, update flows, dispatch to `deep`.
 
@@ -47,8 +63,19 @@ class FastPath:
         self.last_ts = 0.0
 
     def process(self, batch: list[RawFrame]) -> None:
+        table = self.table
+        if type(table) is not FlowTable:
+            self._process_generic(batch)
+            return
+        # The hot loop: one parse, then the flow-table update written out here (a method call
+        # and a dozen NamedTuple attribute reads per frame cost more than the update itself).
+        # It must do exactly what FlowTable.update does; test_flows checks both give equal tables.
         parse = parse_frame
-        update = self.table.update
+        flows = table._flows
+        get = flows.get
+        move = flows.move_to_end
+        new_flow = table._new_flow
+        head_bytes = table.head_bytes
         deep = self.deep
         malformed_reasons = self.malformed_reasons
         n_bytes = 0
@@ -58,56 +85,109 @@ class FastPath:
         ts = self.last_ts
         for ts, frame, wirelen, port in batch:
             h = parse(frame, ts, wirelen, port)
-            n_bytes += h.wirelen
-            if h.malformed:
+            _t, _p, wl, smac, _d, vlan, et, ipv, sip, dip, proto, sp, dp, fl, pl, frag, bad, _f, pend = h
+            n_bytes += wl
+            if bad:
                 malformed += 1
-                malformed_reasons[h.malformed] += 1
-            if h.vlan >= 0:
+                malformed_reasons[bad] += 1
+            if vlan >= 0:
                 vlan_tagged += 1
-            ipv = h.ip_version
             if not ipv:
                 non_ip += 1
-                if h.ethertype == ETH_P_ARP and not h.malformed:
+                if et == ETH_P_ARP and not bad:
                     want(h)
                 continue
-            if h.fragment:
+            if frag:
                 fragments += 1
-            update(h)
+            key = (port, smac, ipv, sip, dip, proto, sp, dp)
+            f = get(key)
+            if f is None:
+                f = new_flow(key, h)
+            else:
+                move(key)
+                if ts > f.last:
+                    f.last = ts
+            f.packets += 1
+            f.bytes += wl
+            if fl:
+                f.flags_or |= fl
+                if fl & 0x02:
+                    if fl & 0x10:
+                        f.synack += 1
+                    else:
+                        f.syn += 1
+                if fl & 0x04:
+                    f.rst += 1
+                if fl & 0x01:
+                    f.fin += 1
+            if pl >= 0:
+                head = f.head
+                room = head_bytes - len(head)
+                if room > 0:
+                    head += frame[pl : pend if pend - pl <= room else pl + room]
             if deep is None:
                 continue
-            proto = h.proto
             if proto == 6:
-                pl = h.payload
-                sp = h.sport
-                dp = h.dport
                 if sp == DNS_PORT or dp == DNS_PORT:
                     want(h)
-                elif pl >= 0:
-                    frame = h.frame
-                    if dp == TLS_PORT or (frame[pl] == 0x16 and frame[pl + 1 : pl + 2] == b"\x03") or frame[pl : pl + 4] in HTTP_METHOD_PREFIXES:
-                        want(h)
+                elif pl >= 0 and (dp == TLS_PORT or (frame[pl] == 0x16 and frame[pl + 1 : pl + 2] == b"\x03") or frame[pl : pl + 4] in HTTP_METHOD_PREFIXES):
+                    want(h)
             elif proto == 17:
-                sp = h.sport
-                dp = h.dport
                 if sp == DNS_PORT or dp == DNS_PORT or sp in DHCP_PORTS or dp in DHCP_PORTS:
                     want(h)
             elif proto == 1 or proto == 58:
                 want(h)
-        self.packets += len(batch)
+        self._account(len(batch), n_bytes, malformed, non_ip, fragments, vlan_tagged, ts)
+        if deep is not None and to_deep:
+            self._dispatch(deep, to_deep)
+
+    def _process_generic(self, batch: list[RawFrame]) -> None:
+        """The same as process() through the table's own update() (for other table types)."""
+        update = self.table.update
+        deep = self.deep
+        n_bytes = 0
+        malformed = non_ip = fragments = vlan_tagged = 0
+        to_deep: list[Headers] = []
+        ts = self.last_ts
+        for ts, frame, wirelen, port in batch:
+            h = parse_frame(frame, ts, wirelen, port)
+            n_bytes += h.wirelen
+            if h.malformed:
+                malformed += 1
+                self.malformed_reasons[h.malformed] += 1
+            if h.vlan >= 0:
+                vlan_tagged += 1
+            if not h.ip_version:
+                non_ip += 1
+                if h.ethertype == ETH_P_ARP and not h.malformed:
+                    to_deep.append(h)
+                continue
+            if h.fragment:
+                fragments += 1
+            update(h)
+            if deep is not None and wants_deep(h):
+                to_deep.append(h)
+        self._account(len(batch), n_bytes, malformed, non_ip, fragments, vlan_tagged, ts)
+        if deep is not None and to_deep:
+            self._dispatch(deep, to_deep)
+
+    def _account(self, packets: int, n_bytes: int, malformed: int, non_ip: int, fragments: int, vlan_tagged: int, ts: float) -> None:
+        self.packets += packets
         self.bytes += n_bytes
         self.malformed += malformed
         self.non_ip += non_ip
         self.fragments += fragments
         self.vlan_tagged += vlan_tagged
         self.last_ts = ts
-        if deep is not None and to_deep:
-            self.deep_calls += len(to_deep)
-            for h in to_deep:
-                try:
-                    deep(h)
-                except Exception as e:  # noqa: BLE001 - one bad decode must not stop the capture
-                    self.deep_errors += 1
-                    self.last_deep_error = f"{type(e).__name__}: {e}"
+
+    def _dispatch(self, deep: Callable[[Headers], None], frames: list[Headers]) -> None:
+        self.deep_calls += len(frames)
+        for h in frames:
+            try:
+                deep(h)
+            except Exception as e:  # noqa: BLE001 - one bad decode must not stop the capture
+                self.deep_errors += 1
+                self.last_deep_error = f"{type(e).__name__}: {e}"
 
     def stats(self, source_stats: CaptureStats) -> CaptureStats:
         """The source's statistics with the malformed count this fast path found filled in."""

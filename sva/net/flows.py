@@ -10,7 +10,6 @@ flood of spoofed 5-tuples costs memory once and shows up in the statistics.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sva.net.parse import Headers
@@ -70,15 +69,7 @@ class FlowTable:
         flows = self._flows
         f = flows.get(key)
         if f is None:
-            if len(flows) >= self.max_flows:
-                _, old = flows.popitem(last=False)
-                self.evicted += 1
-                ev = self.evicted_flows
-                ev.append(old)
-                if len(ev) > 64:
-                    del ev[:32]
-            f = Flow(key, h.src_mac, h.dst_mac, h.vlan, h.ts, h.ts)
-            flows[key] = f
+            f = self._new_flow(key, h)
         else:
             flows.move_to_end(key)
             if h.ts > f.last:
@@ -108,6 +99,20 @@ class FlowTable:
                 head += h.frame[pl:end]
         return f
 
+    def _new_flow(self, key: FlowKey, h: Headers) -> Flow:
+        """Insert an empty flow for `key` (evicting the least recently seen if full); counts are the caller's."""
+        flows = self._flows
+        if len(flows) >= self.max_flows:
+            _, old = flows.popitem(last=False)
+            self.evicted += 1
+            ev = self.evicted_flows
+            ev.append(old)
+            if len(ev) > 64:
+                del ev[:32]
+        f = Flow(key, h.src_mac, h.dst_mac, h.vlan, h.ts, h.ts)
+        flows[key] = f
+        return f
+
     def expire(self, now: float) -> list[Flow]:
         """Remove and return the flows idle for longer than idle_timeout at time `now`."""
         cutoff = now - self.idle_timeout
@@ -124,7 +129,8 @@ class FlowTable:
             out.append(f)
         return out
 
-    def flows(self) -> Iterable[Flow]:
+    def flows(self) -> list[Flow]:
+        """All flows, least recently seen first (a copy: safe to hold while the table changes)."""
         return list(self._flows.values())
 
     def get(self, key: FlowKey) -> Flow | None:

@@ -13,6 +13,7 @@ reported as truncated either way, since nothing can be read from them.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 
@@ -66,7 +67,17 @@ def _bad(ts: float, port: str, wirelen: int, frame: bytes, reason: str) -> Heade
     return _new(Headers, (ts, port, wirelen, src, dst, -1, 0, 0, b"", b"", 0, 0, 0, 0, -1, False, reason, frame, -1))
 
 
-def parse_frame(frame: bytes, ts: float = 0.0, wirelen: int = 0, port: str = "") -> Headers:
+def parse_frame(
+    frame: bytes,
+    ts: float = 0.0,
+    wirelen: int = 0,
+    port: str = "",
+    *,
+    _ip4: Callable[[bytes, int], tuple[int, int, int, int]] = _IP4.unpack_from,  # bound once: saves lookups per frame
+    _tcp: Callable[[bytes, int], tuple[int, int, int, int]] = _TCP.unpack_from,
+    _udp: Callable[[bytes, int], tuple[int, int, int]] = _UDP.unpack_from,
+    _H: type[Headers] = Headers,
+) -> Headers:
     """Parse one Ethernet frame's headers. Never raises; `malformed` says what was wrong."""
     n = len(frame)
     if wirelen < n:
@@ -77,7 +88,7 @@ def parse_frame(frame: bytes, ts: float = 0.0, wirelen: int = 0, port: str = "")
     et = frame[12] << 8 | frame[13]
     off = 14
     vlan = -1
-    if et in VLAN_TPIDS:
+    if et == 0x8100 or et == 0x88A8 or et == 0x9100:
         tags = 0
         while et in VLAN_TPIDS:
             if tags == MAX_VLAN_TAGS:
@@ -90,10 +101,10 @@ def parse_frame(frame: bytes, ts: float = 0.0, wirelen: int = 0, port: str = "")
             off += 4
             tags += 1
 
-    if et == ETH_P_IP:
+    if et == 0x0800:
         if off + 20 > n:
             return _with(ts, port, wirelen, frame, vlan, et, "truncated ipv4 header")
-        vihl, total, frag, proto = _IP4.unpack_from(frame, off)
+        vihl, total, frag, proto = _ip4(frame, off)
         if vihl >> 4 != 4:
             return _with(ts, port, wirelen, frame, vlan, et, "ipv4 version is not 4")
         ihl = (vihl & 15) * 4
@@ -174,18 +185,18 @@ def parse_frame(frame: bytes, ts: float = 0.0, wirelen: int = 0, port: str = "")
     if proto == 6:
         if l4 + 20 > end:
             return _ip(ts, port, wirelen, frame, vlan, et, ipv, src, dst, proto, fragment, "truncated tcp header")
-        sport, dport, doff, flags = _TCP.unpack_from(frame, l4)
+        sport, dport, doff, flags = _tcp(frame, l4)
         doff = (doff >> 4) * 4
         if doff < 20:
             return _new(Headers, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, sport, dport, flags, -1, fragment, "tcp data offset < 5", frame, -1))
         pl = l4 + doff
         if pl > end:
             return _new(Headers, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, sport, dport, flags, -1, fragment, "truncated tcp options", frame, -1))
-        return _new(Headers, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, sport, dport, flags, pl if pl < end else -1, fragment, "", frame, end))
+        return _new(_H, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, sport, dport, flags, pl if pl < end else -1, fragment, "", frame, end))
     if proto == 17:
         if l4 + 8 > end:
             return _ip(ts, port, wirelen, frame, vlan, et, ipv, src, dst, proto, fragment, "truncated udp header")
-        sport, dport, ulen = _UDP.unpack_from(frame, l4)
+        sport, dport, ulen = _udp(frame, l4)
         bad = ""
         if fragment:
             pass  # the UDP length covers all fragments; only this first piece is here
@@ -197,7 +208,7 @@ def parse_frame(frame: bytes, ts: float = 0.0, wirelen: int = 0, port: str = "")
         else:
             end = l4 + ulen
         pl = l4 + 8
-        return _new(Headers, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, sport, dport, 0, pl if pl < end else -1, fragment, bad, frame, end))
+        return _new(_H, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, sport, dport, 0, pl if pl < end else -1, fragment, bad, frame, end))
     if proto == 1 or proto == 58:
         if l4 + 4 > end:
             return _ip(ts, port, wirelen, frame, vlan, et, ipv, src, dst, proto, fragment, "truncated icmp header")

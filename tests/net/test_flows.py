@@ -112,3 +112,36 @@ def test_deep_path_errors_are_counted_not_raised() -> None:
     fp.process([(0.0, f, len(f), "p"), (1.0, f, len(f), "p")])
     assert fp.deep_errors == 2 and fp.last_deep_error == "ValueError: decoder bug"
     assert fp.table.flows() and next(iter(fp.table.flows())).packets == 2
+
+
+def test_inline_fast_path_equals_flow_table_update() -> None:
+    """FastPath writes the flow update out inline for speed; it must build the same table as FlowTable.update."""
+    import random
+
+    from scapy.layers.l2 import Dot1Q
+
+    rnd = random.Random(3)
+    frames: list[bytes] = []
+    for i in range(400):
+        sport, dport = rnd.choice((1000, 1001, 1002)), rnd.choice((80, 443))
+        flags = rnd.choice(("S", "SA", "A", "PA", "FA", "R"))
+        data = bytes([i % 256]) * rnd.choice((0, 0, 10, 700, 1400))
+        f = tcp(sport, dport, flags, data, mac=rnd.choice((A, B)))
+        if i % 7 == 0:
+            f = bytes(Ether(src=A, dst=B) / Dot1Q(vlan=5) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=sport, dport=53) / Raw(data))
+        frames.append(f + b"\0" * rnd.choice((0, 6)))
+    batch = [(float(i), f, len(f), rnd.choice(("p1", "p2"))) for i, f in enumerate(frames)]
+
+    class Subclassed(FlowTable):
+        pass
+
+    fast = FastPath(deep=lambda h: None, table=FlowTable(max_flows=20, head_bytes=900))
+    generic = FastPath(deep=lambda h: None, table=Subclassed(max_flows=20, head_bytes=900))
+    fast.process(batch)
+    generic.process(batch)
+    assert fast.counters() == generic.counters()
+    assert [(f.key, f.packets, f.bytes, f.flags_or, f.syn, f.synack, f.rst, f.fin, bytes(f.head), f.first, f.last) for f in fast.table.flows()] == [
+        (f.key, f.packets, f.bytes, f.flags_or, f.syn, f.synack, f.rst, f.fin, bytes(f.head), f.first, f.last) for f in generic.table.flows()
+    ]
+    assert fast.table.evicted == generic.table.evicted > 0
+    assert fast.deep_calls == generic.deep_calls > 0
