@@ -182,6 +182,7 @@ class Engine:
         max_findings_per_detector: int = 1000,
         slow_detector_seconds: float = 5.0,
         fact_time_budget: float = 60.0,
+        live_prefetch: bool = True,
         clock: Callable[[], float] = time.time,
         uid_factory: Callable[[], str] | None = None,
     ) -> None:
@@ -206,6 +207,9 @@ class Engine:
         self._max_findings = max_findings_per_detector
         self._slow = slow_detector_seconds
         self._fact_budget = fact_time_budget
+        # False: live prerequisites are computed inside the freeze when first read, as
+        # before step 0 existed (for comparing pause times; see bench/bench_scan.py).
+        self._live_prefetch = live_prefetch
         self._clock = clock
         self._tracker = AlertTracker(uid_factory)
         self._cycle = 0
@@ -369,7 +373,7 @@ class Engine:
         collected = False
         if not consistent:
             return None, True  # nothing needs a consistent view: do not stop the guest at all
-        for name in self.live_prerequisites(consistent):
+        for name in self.live_prerequisites(consistent) if self._live_prefetch else ():
             facts.get(name)  # guest running; failures become Unavailable like any fact's
         freeze = self._backend.frozen() if self._backend is not None else contextlib.nullcontext(None)
         try:

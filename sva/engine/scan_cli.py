@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("--rules", action="append", help="rules file or directory (default: rules/)")
         p.add_argument("--isf-dir", action="append", default=[], help="directory of ready ISF files")
         p.add_argument("--jsonl", help="also append every published event to this JSON-lines file")
+        p.add_argument("--signatures", metavar="PATH",
+                       help="memory YARA rules: a rule directory or a signed bundle file (default: the signature "
+                            "store's active bundle, else the built-in signatures/)")
 
     p = sub.add_parser("scan", help="one full detection cycle on a target; exit 1 when something is found")
     common(p)
@@ -33,10 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common(p)
     p.add_argument("--interval", type=float, default=5.0, help="seconds between cycle starts")
     p.add_argument("--cycles", type=int, help="stop after this many cycles")
+    p.add_argument("--sweep-every", type=int, default=1, metavar="N",
+                   help="sweep all RAM for task structs and carve the module area every Nth cycle (default 1); "
+                        "in between only earlier leads are re-checked (rules/README.md, 'Pause time')")
     p.set_defaults(func=cmd_watch)
 
 
-def build_engine(args: argparse.Namespace, backend: Any, sinks: list[Any]) -> Any:
+def build_engine(args: argparse.Namespace, backend: Any, sinks: list[Any], **engine_options: Any) -> Any:
+    """The engine `sva scan`/`sva watch` run; `engine_options` go to Engine (benchmarks)."""
     from sva.engine.engine import Engine
     from sva.engine.facts import FactRegistry, backend_fact_providers
     from sva.engine.model import VmIdentity
@@ -62,12 +69,21 @@ def build_engine(args: argparse.Namespace, backend: Any, sinks: list[Any]) -> An
     from sva.guest.memscan import memory_providers
     from sva.guest.views import view_providers
 
+    sweep = getattr(args, "sweep_every", 1)
+    if sweep < 1:
+        raise ConfigError(f"--sweep-every must be at least 1, not {sweep}")
     facts = FactRegistry([
-        *backend_fact_providers(), *session.providers(), *memory_providers(session),
-        *view_providers(session), *integrity_providers(session),
+        *backend_fact_providers(), *session.providers(), *memory_providers(session, _signature_scan(args)),
+        *view_providers(session, sweep), *integrity_providers(session, sweep),
     ])  # fmt: skip
     vm = VmIdentity(name=args.target.split(":", 1)[-1].rsplit("/", 1)[-1], target=args.target)
-    return Engine(vm, rules=rules, detectors=detectors, facts=facts, backend=backend, sinks=sinks)
+    return Engine(vm, rules=rules, detectors=detectors, facts=facts, backend=backend, sinks=sinks, **engine_options)
+
+
+def _signature_scan(args: argparse.Namespace) -> Any:
+    from sva.sigs.active import scan_state
+
+    return scan_state(getattr(args, "signatures", None))
 
 
 def _sinks(args: argparse.Namespace) -> list[Any]:

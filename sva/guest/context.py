@@ -184,6 +184,14 @@ class GuestContext:
         gc.symbol_table = table
         return gc
 
+    def warm_up(self) -> None:
+        """Build the caches volatility3 fills on first use, so that it happens before the
+        first freeze rather than inside it: the address-to-symbol index (over a second for
+        a kernel's symbol table) that every code-pointer check reads."""
+        vmlinux = self.module
+        if vmlinux.has_symbol("_stext"):
+            vmlinux.get_symbols_by_absolute_location(vmlinux.get_symbol("_stext").address + vmlinux.offset)
+
     def begin_cycle(self) -> None:
         """Forget cached page tables: the guest ran since the last cycle."""
         clear_translation_caches()

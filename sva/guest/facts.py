@@ -38,6 +38,7 @@ class GuestSession:
         """Build the context ahead of the first cycle, so that the symbol work (seconds)
         happens while the guest runs rather than inside the first freeze."""
         self._gc = GuestContext.attach(backend, **self._options)
+        self._gc.warm_up()
         self._boot_id = None
         return self._gc
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import itertools
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,7 +201,7 @@ def _module_area_bounds(gc: GuestContext) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class ModuleCarve:
-    """The `module_carve` fact: addresses (48-bit) of every `struct module` carved from the
+    """The `module_carve` fact: addresses (canonical) of every `struct module` carved from the
     module area with the guest running, listed or not. Only leads: `hidden_modules`
     re-checks, inside the freeze, those that are not on the module list then."""
 
@@ -215,6 +215,7 @@ def carve_modules(gc: GuestContext, ctx: FactContext) -> ModuleCarve:
     with no module known, so that a module unlinked after the carve is still a lead)."""
     from volatility3.framework.symbols.linux.utilities.modules import Modules
 
+    kernel = gc.context.layers[gc.module.layer_name]
     lo, hi = _module_area_bounds(gc)
     found: list[int] = []
     truncated = ""
@@ -224,7 +225,7 @@ def carve_modules(gc: GuestContext, ctx: FactContext) -> ModuleCarve:
             break
         end = min(start + MODULE_SCAN_CHUNK, hi)
         for mod in Modules.get_hidden_modules(gc.context, gc.module.name, set(), (start, end)):
-            found.append(int(mod.vol.offset) & ADDR48)
+            found.append(int(kernel.canonicalize(mod.vol.offset)))
             if len(found) >= MAX_MODULES + MAX_HIDDEN_MODULES:
                 return ModuleCarve(tuple(found), ctx.cycle, f"stopped after {len(found)} modules")
     return ModuleCarve(tuple(found), ctx.cycle, truncated)
@@ -252,7 +253,7 @@ class ModuleCarver:
         return self.last
 
 
-def hidden_modules(gc: GuestContext, ctx: FactContext) -> tuple[HiddenModule, ...]:
+def hidden_modules(gc: GuestContext, ctx: FactContext) -> tuple[HiddenModule, ...] | Unavailable:
     """Modules of the live carve (`module_carve` fact) that the module list does not have
     at the frozen moment, each re-checked now (self-reference and volatility3's sanity
     checks) so that a module loaded or unloaded since the carve is not reported."""
@@ -260,13 +261,13 @@ def hidden_modules(gc: GuestContext, ctx: FactContext) -> tuple[HiddenModule, ..
 
     carve = ctx.fact("module_carve")
     if isinstance(carve, Unavailable):
-        raise ValueError(f"module_carve: {carve.reason}")
+        return Unavailable(f"module_carve: {carve.reason}")
     kernel = gc.context.layers[gc.module.layer_name]
-    known = {
-        kernel.canonicalize(m.vol.offset) & ADDR48
+    known = {  # canonical, as get_hidden_modules compares them with self-pointers
+        kernel.canonicalize(m.vol.offset)
         for m in itertools.islice(Modules.list_modules(gc.context, gc.module.name), MAX_MODULES)
     }
-    out = []
+    out: list[HiddenModule] = []
     for address in carve.addresses:
         if address in known or len(out) >= MAX_HIDDEN_MODULES:
             continue

@@ -1,9 +1,12 @@
 """Memory facts: YARA matches attributed to processes, and suspicious executable mappings.
 
 Facts provided here (see `memory_providers`):
+  yara_scan            ScanReport: the incremental scan of all guest RAM, run before the
+                       freeze with the guest running (not consistent)
   yara_matches         tuple[AttributedMatch, ...]: every match of the active YARA rule set
-                       in guest RAM, one entry per (YARA rule, pid), plus one per rule for hits
-                       no process maps (kernel memory, page cache, free pages)
+                       in guest RAM, its bytes re-read in the freeze, one entry per (YARA
+                       rule, pid), plus one per rule for hits no process maps (kernel
+                       memory, page cache, free pages)
   suspicious_mappings  tuple[SuspiciousMapping, ...]: malfind-style candidates (W+X, anonymous
                        executable, executable with dirty file pages), with their first bytes
 
@@ -12,9 +15,10 @@ pages (zero-copy); the scanner is kept across cycles and rebuilt only when the r
 fingerprint changes. Attribution then needs the reverse of the processes' page tables, but
 only for the pages that matched: each user process's page tables are walked directly
 (4 KiB table reads, 512 entries each; a busybox guest has a few hundred table pages in all)
-and only leaves pointing at a matched page are kept; the VMAs (volatility3's
-`mm.get_vma_iter()`) are read only for processes that own such a page. A page no process
-maps is reported as unattributed rather than dropped.
+and only leaves pointing at a matched page are kept; the VMA holding a hit is found by one
+raw maple-tree descent (sva.guest.vmalookup; volatility3's `mm.get_vma_iter()` where the
+kernel has no maple tree). A page no process maps is reported as unattributed rather
+than dropped.
 
 Guest memory is hostile: tasks, VMAs and page-table pages walked are bounded, every
 pointer read can fail (that process is skipped, never the cycle), and the walk watches
@@ -40,6 +44,7 @@ from sva.engine.facts import (
     Unavailable,
 )
 from sva.errors import SvaError
+from sva.guest.vmalookup import MapleLookup
 from sva.vmi.base import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ MAX_HEAD_PAGES = 16  # pages tried for the first resident one
 MAX_HITS = 64  # string instances kept per attributed match
 MAX_OWNERS_PER_PAGE = 64  # processes a shared page is attributed to
 MAX_DATA = 64  # bytes of matched data kept per hit
+ADDR48 = (1 << 48) - 1  # volatility3's Intel layer takes 48-bit kernel addresses
 
 # x86-64 page-table entry bits
 _P, _RW, _PS, _DIRTY, _PROTNONE = 1 << 0, 1 << 1, 1 << 7, 1 << 6, 1 << 8
@@ -249,14 +255,20 @@ def _string(obj: Any, length: int) -> str:
 
 
 def _user_tasks(gc: GuestContext) -> Iterator[Any]:
-    """Thread-group leaders that have an mm (user processes)."""
-    from volatility3.plugins.linux import pslist
+    """Thread-group leaders that have an mm (user processes), as volatility3 objects.
 
-    for task in itertools.islice(
-        pslist.PsList.list_tasks(gc.context, gc.module.name), MAX_TASKS
-    ):
+    The task list comes from sva.guest.processes' raw walk (the tasks pslist gives, a few
+    times faster); objects are made only for tasks with an mm, kernel threads that borrow
+    one left out."""
+    from sva.guest.processes import raw_task_list, task_layout
+
+    lay = task_layout(gc)
+    for raw in itertools.islice(raw_task_list(gc), MAX_TASKS):
+        if not raw.u64(lay.mm):
+            continue
         try:
-            if task.mm and not task.is_kernel_thread:
+            task = gc.module.object("task_struct", offset=raw.address, absolute=True)
+            if not task.is_kernel_thread:
                 yield task
         except Exception:  # noqa: BLE001, S112 - a task we cannot read is skipped
             continue
@@ -335,24 +347,52 @@ def process_mappings(gc: GuestContext, task: Any) -> tuple[MappingInfo, ...]:
 
 
 class _LazyMappings:
-    """One process's VMAs, read once, each named only when a hit falls in it."""
+    """One process's VMAs, found one address at a time and each named only when a hit
+    falls in it: a raw maple-tree lookup (sva.guest.vmalookup) where the kernel has one,
+    else (or when it fails) volatility3's iteration of all VMAs, read once."""
 
-    def __init__(self, gc: GuestContext, task: Any) -> None:
-        self.gc, self.task = gc, task
-        try:
-            self.raw = _raw_vmas(task)
-        except Exception:  # noqa: BLE001
-            self.raw = []
-        self.starts = [r[0] for r in self.raw]
-        self.named: dict[int, MappingInfo | None] = {}
+    def __init__(self, gc: GuestContext, task: Any, lookup: MapleLookup | None = None) -> None:
+        self.gc, self.task, self.lookup = gc, task, lookup
+        self.raw: list[tuple[int, int, int, Any]] | None = None
+        self.starts: list[int] = []
+        self.named: dict[int, MappingInfo | None] = {}  # by VMA start
+        self.mm: int | None = None
+        kernel = gc.context.layers[gc.module.layer_name]
+        self.read: Callable[[int, int], bytes] = lambda address, size: bytes(kernel.read(address & ADDR48, size))
+        if lookup is not None:
+            try:
+                self.mm = int(task.mm) & ADDR48
+            except Exception:  # noqa: BLE001
+                self.mm = None
+
+    def _all(self) -> list[tuple[int, int, int, Any]]:
+        if self.raw is None:
+            try:
+                self.raw = _raw_vmas(self.task)
+            except Exception:  # noqa: BLE001
+                self.raw = []
+            self.starts = [r[0] for r in self.raw]
+        return self.raw
 
     def at(self, va: int) -> MappingInfo | None:
-        i = bisect.bisect_right(self.starts, va) - 1
-        if i < 0 or va >= self.raw[i][1]:
-            return None
-        if i not in self.named:
-            self.named[i] = _mapping_info(self.gc, self.task, self.raw[i])
-        return self.named[i]
+        for start, named in self.named.items():
+            if named is not None and start <= va < named.end:
+                return named
+        found: tuple[int, int, int, Any] | None = None
+        if self.lookup is not None and self.mm is not None:
+            vma = self.lookup.find(self.read, self.mm, va)
+            if vma is not None:
+                obj = self.gc.module.object("vm_area_struct", offset=vma.address, absolute=True)
+                found = (vma.start, vma.end, vma.flags, obj)
+        if found is None:
+            raw = self._all()
+            i = bisect.bisect_right(self.starts, va) - 1
+            if i < 0 or va >= raw[i][1]:
+                return None
+            found = raw[i]
+        if found[0] not in self.named:
+            self.named[found[0]] = _mapping_info(self.gc, self.task, found)
+        return self.named[found[0]]
 
 
 def _deadline(ctx: FactContext | None) -> float | None:
@@ -412,10 +452,12 @@ def attribute(
     maps_cache: dict[int, _LazyMappings] = {}
     procs: dict[int, ProcessInfo] = {}
 
+    lookup = MapleLookup.for_context(gc)
+
     def mappings_of(task: Any) -> _LazyMappings:
         key = int(task.vol.offset)
         if key not in maps_cache:
-            maps_cache[key] = _LazyMappings(gc, task)
+            maps_cache[key] = _LazyMappings(gc, task, lookup)
             procs[key] = _process_info(task, known)
         return maps_cache[key]
 
@@ -488,9 +530,8 @@ class YaraMemoryScan:
             self._default = CompiledRuleSet.default()
         return self._default
 
-    def compute(
-        self, gc: GuestContext, ctx: FactContext | None = None
-    ) -> tuple[AttributedMatch, ...]:
+    def scan(self, gc: GuestContext, ctx: FactContext | None = None) -> ScanReport:
+        """One incremental scan cycle (the `yara_scan` fact: run with the guest running)."""
         from sva.scan import IncrementalScanner
 
         rules = self.current_rules()
@@ -498,14 +539,46 @@ class YaraMemoryScan:
             self.scanner = IncrementalScanner(rules)
         t0 = time.perf_counter()
         report = self.scanner.cycle(gc.backend)
-        t1 = time.perf_counter()
-        matches = attribute(gc, report, ctx)
-        t2 = time.perf_counter()
         self.last_report = report
-        self.last_seconds = {"scan": t1 - t0, "attribute": t2 - t1}
+        self.last_seconds = {"scan": time.perf_counter() - t0}
         for p in report.problems[:8]:
             log.warning("yara memory scan: %s", p)
+        return report
+
+    def attribute(
+        self, gc: GuestContext, report: ScanReport, ctx: FactContext | None = None
+    ) -> tuple[AttributedMatch, ...]:
+        """The report's matches that are still in RAM now (each hit's bytes read again:
+        the scan may have run on the live guest), attributed to processes."""
+        t0 = time.perf_counter()
+        matches = attribute(gc, still_present(gc.backend, report), ctx)
+        self.last_seconds["attribute"] = time.perf_counter() - t0
         return matches
+
+    def compute(
+        self, gc: GuestContext, ctx: FactContext | None = None
+    ) -> tuple[AttributedMatch, ...]:
+        """Scan and attribute in one go (the guest frozen around it, for a consistent view)."""
+        return self.attribute(gc, self.scan(gc, ctx), ctx)
+
+
+def still_present(backend: Any, report: ScanReport) -> ScanReport:
+    """`report` without the hits whose bytes are no longer at their address (a match with
+    no hit left is dropped; a match without strings is kept: nothing to re-read)."""
+    from dataclasses import replace
+
+    kept = []
+    for m in report.matches:
+        hits = []
+        for h in m.hits:
+            try:
+                if backend.read(h.address, len(h.data)) == h.data:
+                    hits.append(h)
+            except SvaError:
+                continue
+        if not m.hits or hits:
+            kept.append(m if len(hits) == len(m.hits) else replace(m, hits=tuple(hits)))
+    return replace(report, matches=kept)
 
 
 # -- injected code ----------------------------------------------------------------------
@@ -550,6 +623,19 @@ def _reason(
     return None if leaf is None else ("dirty_exec", leaf)
 
 
+def _exec_vmas(gc: GuestContext, task: Any, lookup: MapleLookup | None) -> list[tuple[int, int, int, Any]]:
+    """(start, end, vm_flags, vma) of a task's executable VMAs: a raw walk of its maple
+    tree where the kernel has one (vma objects made for these few only), else (or when
+    that walk gives up) volatility3's iteration of all VMAs."""
+    if lookup is not None:
+        kernel = gc.context.layers[gc.module.layer_name]
+        vmas = lookup.all_vmas(lambda a, n: bytes(kernel.read(a & ADDR48, n)), int(task.mm) & ADDR48, MAX_VMAS)
+        if vmas is not None:
+            return [(v.start, v.end, v.flags, gc.module.object("vm_area_struct", offset=v.address, absolute=True))
+                    for v in vmas if v.flags & VM_EXEC]  # fmt: skip
+    return [r for r in _raw_vmas(task) if r[2] & VM_EXEC]
+
+
 def find_suspicious_mappings(
     gc: GuestContext, ctx: FactContext | None = None
 ) -> tuple[SuspiciousMapping, ...]:
@@ -560,10 +646,11 @@ def find_suspicious_mappings(
     known = _known_processes(ctx)
     deadline = _deadline(ctx)
     read = gc.backend.read
+    lookup = MapleLookup.for_context(gc)
     out: list[SuspiciousMapping] = []
     for task in _user_tasks(gc):
         try:
-            execs = [r for r in _raw_vmas(task) if r[2] & VM_EXEC]
+            execs = _exec_vmas(gc, task, lookup)
         except Exception:  # noqa: BLE001, S112 - an unreadable mm is skipped
             continue
         if not execs:
@@ -603,9 +690,15 @@ def find_suspicious_mappings(
 def memory_providers(
     session: GuestSession, scan: YaraMemoryScan | None = None
 ) -> list[FactProvider]:
-    """`yara_matches` and `suspicious_mappings` over the session's live context. Both read
-    guest memory that must not move meanwhile (consistent), and use the `processes` fact
-    for the process identities when it is available."""
+    """`yara_scan` (live: the whole-RAM part, with the guest running), `yara_matches` and
+    `suspicious_mappings` over the session's live context. The last two read guest
+    memory that must not move meanwhile (consistent): `yara_matches` re-reads each hit of
+    the live scan in the freeze and attributes it then; both use the `processes` fact for
+    the process identities when it is available.
+
+    The trade-off of scanning live: a string written between the scan and the freeze is
+    found one cycle later (its page's hash changed, so the next cycle rescans it); one
+    erased meanwhile is not reported (its bytes are re-read in the freeze)."""
     state = scan or YaraMemoryScan()
 
     def with_context(
@@ -621,11 +714,21 @@ def memory_providers(
         return compute
 
     return [
-        FunctionProvider("yara_matches", with_context(state.compute), True, frozenset({"processes"}),
-                         "YARA matches in guest RAM attributed to processes and mappings"),
+        FunctionProvider("yara_scan", with_context(state.scan), False, frozenset(),
+                         "the incremental YARA scan of guest RAM, run with the guest running"),
+        FunctionProvider("yara_matches", with_context(lambda gc, ctx: _attributed(state, gc, ctx)), True,
+                         frozenset({"processes", "yara_scan"}),
+                         "YARA matches in guest RAM (re-read in the freeze) attributed to processes and mappings"),
         FunctionProvider("suspicious_mappings", with_context(find_suspicious_mappings), True,
                          frozenset({"processes"}), "W+X, anonymous executable or dirty executable mappings"),
     ]  # fmt: skip
+
+
+def _attributed(state: YaraMemoryScan, gc: GuestContext, ctx: FactContext) -> Any:
+    report = ctx.fact("yara_scan")
+    if isinstance(report, Unavailable):
+        return report
+    return state.attribute(gc, report, ctx)
 
 
 def iter_hits(

@@ -33,11 +33,14 @@ from typing import Any
 
 from sva.engine.facts import FactContext, FactProvider, Unavailable
 from sva.errors import ConfigError
-from sva.guest.vollayer import clear_translation_caches
 from sva.guest.context import GuestContext
-from sva.guest.processes import canonical
+from sva.guest.processes import RawTask, canonical
+from sva.guest.vollayer import clear_translation_caches
 
 MAX_VIEW_TASKS = 32768  # per view
+MAX_XA_NODES = 1 << 16  # PID xarray nodes walked (64 slots each: far more than MAX_VIEW_TASKS)
+XA_MAX_DEPTH = 11  # 64-bit indexes, 6 bits a level
+XA_SLOTS = 64
 SCAN_CHUNK = 16 << 20  # bytes of guest RAM searched at a time
 MIN_SCAN_SECONDS = 2.0  # the scan is skipped (Unavailable) with less cycle time left
 ADDR48 = (1 << 48) - 1
@@ -83,34 +86,67 @@ class TaskViews:
         return next((v for v in self.views if v.name == name), None)
 
 
-def _comm(task: Any) -> str:
-    try:
-        return str(task.comm.cast("string", max_length=16, errors="replace"))
-    except Exception:  # noqa: BLE001 - a hostile task's name
-        return "?"
+class _RawTasks:
+    """Sightings from raw task_struct bytes (the offsets of sva.guest.processes.TaskLayout):
+    one read per task instead of volatility3 objects, which cost ten times as much and
+    all of it inside the freeze."""
 
+    def __init__(self, gc: GuestContext) -> None:
+        from sva.guest.processes import raw_span, task_layout
 
-def _sighting(gc: GuestContext, task: Any, phys: int | None = None, virt: int | None = None) -> TaskSighting | None:
-    """The sighting of a leader task, or None for threads, pid 0 and unreadable tasks."""
-    try:
-        pid, tgid = int(task.pid), int(task.tgid)
-        exit_state = int(task.exit_state)
-    except Exception:  # noqa: BLE001
-        return None
-    if pid <= 0 or pid != tgid:
-        return None
-    if phys is None:
+        self.lay = task_layout(gc)
+        self.lo, self.hi = raw_span(self.lay)
+        self.kernel = gc.context.layers[gc.module.layer_name]
+        self.memory = gc.context.layers[self.kernel.dependencies[0]]
+        self.group_leader = int(gc.module.get_type("task_struct").relative_child_offset("group_leader"))
+
+    def at_virtual(self, address: int) -> RawTask | None:
+        from sva.guest.processes import RawTask
+
         try:
-            phys = int(gc.context.layers[gc.module.layer_name].translate(int(task.vol.offset))[0])
+            return RawTask(address, bytes(self.kernel.read(address + self.lo, self.hi - self.lo)), self.lo)
+        except Exception:  # noqa: BLE001 - unmapped: not a task we can see
+            return None
+
+    def at_physical(self, phys: int) -> RawTask | None:
+        from sva.guest.processes import RawTask
+
+        try:
+            return RawTask(phys, bytes(self.memory.read(phys + self.lo, self.hi - self.lo)), self.lo)
         except Exception:  # noqa: BLE001
             return None
-    if virt is None:
-        virt = int(task.vol.offset)
-    return TaskSighting(pid, _comm(task), canonical(virt) if virt else 0, phys, exit_state)
+
+    def leader(self, raw: RawTask) -> RawTask | None:
+        """The thread-group leader of a task (itself for a leader)."""
+        lay = self.lay
+        if raw.i32(lay.pid) == raw.i32(lay.tgid):
+            return raw
+        try:
+            (leader,) = struct.unpack("<Q", self.kernel.read(raw.address + self.group_leader, 8))
+        except Exception:  # noqa: BLE001
+            return None
+        return self.at_virtual(leader & ADDR48) if leader >= 0xFFFF800000000000 else None
+
+    def sighting(self, raw: RawTask | None, phys: int | None = None, virt: int | None = None) -> TaskSighting | None:
+        """The sighting of a leader task, or None for threads, pid 0 and unreadable tasks.
+        `raw.address` is virtual unless `phys` is given (then `virt` may say where)."""
+        if raw is None:
+            return None
+        lay = self.lay
+        pid, tgid = raw.i32(lay.pid), raw.i32(lay.tgid)
+        if pid <= 0 or pid != tgid:
+            return None
+        if phys is None:
+            try:
+                phys = int(self.kernel.translate(raw.address)[0])
+            except Exception:  # noqa: BLE001
+                return None
+            virt = raw.address
+        return TaskSighting(pid, raw.comm(lay) or "?", canonical(virt) if virt else 0, phys, raw.i32(lay.exit_state))
 
 
 def _collect(
-    name: str, gc: GuestContext, ctx: FactContext, tasks: Iterable[Any], convert: Callable[[Any], TaskSighting | None]
+    name: str, ctx: FactContext, tasks: Iterable[Any], convert: Callable[[Any], TaskSighting | None]
 ) -> TaskView:
     out: dict[int, TaskSighting] = {}
     truncated = ""
@@ -128,36 +164,74 @@ def _collect(
 
 
 def task_list_view(gc: GuestContext, ctx: FactContext) -> TaskView:
-    from volatility3.plugins.linux import pslist
+    """The task list, by sva.guest.processes' raw walk (volatility3's pslist, faster)."""
+    from sva.guest.processes import raw_task_list
 
-    tasks = pslist.PsList.list_tasks(gc.context, gc.module.name)
-    return _collect("task_list", gc, ctx, tasks, lambda t: _sighting(gc, t))
+    raw = _RawTasks(gc)
+    return _collect("task_list", ctx, raw_task_list(gc), raw.sighting)
 
 
-def _idr_tasks(gc: GuestContext) -> Iterator[Any]:
-    """linux.pidhashtable's walk of init_pid_ns.idr (kernels >= 4.15), as a function."""
+def _xarray_entries(read: Callable[[int, int], bytes], head: int, slots_off: int) -> Iterator[int]:
+    """The pointers stored in an xarray (kernels >= 4.20) whose xa_head is `head`: leaf
+    entries, depth first. Internal entries are tagged 0b10 (nodes are > 4096), value
+    entries 0b1. Bounded by node count and depth; a node seen twice ends that branch."""
+    seen: set[int] = set()
+    stack: list[tuple[int, int]] = [(head, 0)]
+    while stack:
+        entry, depth = stack.pop()
+        if not entry or entry & 1:
+            continue  # empty or a value entry (not a pointer)
+        if entry & 3 == 2:
+            if entry <= 4096 or depth > XA_MAX_DEPTH:
+                continue  # retry/sibling entries, or deeper than 64-bit indexes go
+            node = (entry - 2) & ADDR48
+            if node in seen or len(seen) >= MAX_XA_NODES:
+                continue
+            seen.add(node)
+            slots = struct.unpack(f"<{XA_SLOTS}Q", read(node + slots_off, 8 * XA_SLOTS))
+            stack.extend((e, depth + 1) for e in reversed(slots))
+        else:
+            yield entry & ADDR48
+
+
+def _idr_tasks(gc: GuestContext, raw: _RawTasks) -> Iterator[RawTask | None]:
+    """The tasks of init_pid_ns.idr's pids (linux.pidhashtable's walk, raw)."""
     vmlinux = gc.module
+    kernel = raw.kernel
+
+    def read(address: int, size: int) -> bytes:
+        return bytes(kernel.read(address & ADDR48, size))
+
+    def off(t: str, member: str) -> int:
+        return int(vmlinux.get_type(t).relative_child_offset(member))
+
     pid_type = vmlinux.get_enumeration("pid_type").choices["PIDTYPE_PID"]
     task_type = vmlinux.get_type("task_struct")
-    member = "pid_links" if task_type.has_member("pid_links") else "pids"
-    links_off = task_type.relative_child_offset(member)
-    ns = vmlinux.object("pid_namespace", offset=vmlinux.get_symbol("init_pid_ns").address)
-    for node in itertools.islice(ns.idr.get_entries(), MAX_VIEW_TASKS + 1):
+    links_off = off("task_struct", "pid_links" if task_type.has_member("pid_links") else "pids")
+    ns = (vmlinux.get_symbol("init_pid_ns").address + vmlinux.offset) & ADDR48
+    if not vmlinux.has_type("xa_node"):  # a radix tree (< 4.20): volatility3 walks it
+        obj = vmlinux.object("pid_namespace", offset=vmlinux.get_symbol("init_pid_ns").address)
+        entries: Iterable[int] = obj.idr.get_entries()
+    else:
+        (head,) = struct.unpack("<Q", read(ns + off("pid_namespace", "idr") + off("idr", "idr_rt")
+                                           + off("xarray", "xa_head"), 8))  # fmt: skip
+        entries = _xarray_entries(read, head, off("xa_node", "slots"))
+    first_at = off("pid", "tasks") + 8 * pid_type  # pid->tasks[PIDTYPE_PID].first
+    for pid in itertools.islice(entries, MAX_VIEW_TASKS + 1):
         try:
-            pid = vmlinux.object("pid", offset=node, absolute=True)
-            first = pid.tasks[pid_type].first
-            if not (first and first.is_readable()):
-                continue
-            yield vmlinux.object("task_struct", offset=int(first) - links_off, absolute=True)
+            (first,) = struct.unpack("<Q", read(int(pid) + first_at, 8))
         except Exception:  # noqa: BLE001, S112 - a bad node is skipped, the walk goes on
             continue
+        if first >= 0xFFFF800000000000:
+            yield raw.at_virtual((first - links_off) & ADDR48)
 
 
 def pid_idr_view(gc: GuestContext, ctx: FactContext) -> TaskView:
     vmlinux = gc.module
     if not (vmlinux.has_type("pid_namespace") and vmlinux.get_type("pid_namespace").has_member("idr")):
         return TaskView("pid_idr", (), "kernel has no PID IDR (< 4.15)")
-    return _collect("pid_idr", gc, ctx, _idr_tasks(gc), lambda t: _sighting(gc, t))
+    raw = _RawTasks(gc)
+    return _collect("pid_idr", ctx, _idr_tasks(gc, raw), raw.sighting)
 
 
 def _page_offset_base(gc: GuestContext) -> int | None:
@@ -274,63 +348,49 @@ def memory_scan_view(
     """The memory-scan view at the frozen moment: every candidate of the live sweep and
     every task struct the other views saw (`seen`, guest-physical), each re-read now and
     kept if its sched_class pointer and its pid and exit state still look like a task's."""
-    from volatility3.framework import constants
-
-    vmlinux = gc.module
-    kernel = gc.context.layers[vmlinux.layer_name]
-    memory_name = kernel.dependencies[0]
-    memory = gc.context.layers[memory_name]
+    raw = _RawTasks(gc)
     needles = _needles(gc)
-    sched_off = vmlinux.get_type("task_struct").relative_child_offset("sched_class")
+    sched_off = gc.module.get_type("task_struct").relative_child_offset("sched_class")
     pob = _page_offset_base(gc)
-    type_name = vmlinux.symbol_table_name + constants.BANG + "task_struct"
     leads = set(seen) | set(scan.candidates if isinstance(scan, TaskScan) else ())
 
-    def tasks() -> Iterator[tuple[Any, int]]:
+    def tasks() -> Iterator[RawTask]:
         for phys in sorted(leads):
             try:
-                if bytes(memory.read(phys + sched_off, 8)) not in needles:
+                if bytes(raw.memory.read(phys + sched_off, 8)) not in needles:
                     continue
             except Exception:  # noqa: BLE001, S112 - outside RAM: not a task
                 continue
-            task = gc.context.object(type_name, offset=phys, layer_name=memory_name, native_layer_name=vmlinux.layer_name)
-            yield task, phys
+            if (task := raw.at_physical(phys)) is not None:
+                yield task
 
-    def convert(item: tuple[Any, int]) -> TaskSighting | None:
-        task, phys = item
-        s = _sighting(gc, task, phys=phys, virt=(pob + phys) & ADDR48 if pob is not None else 0)
+    def convert(task: RawTask) -> TaskSighting | None:
+        phys = task.address
+        s = raw.sighting(task, phys=phys, virt=(pob + phys) & ADDR48 if pob is not None else 0)
         if s is None or not 0 < s.pid < 1 << 22 or s.exit_state not in (0, 16, 32, 48):
             return None  # psscan's sanity checks: a plausible pid and exit_state
         return s
 
-    view = _collect("memory_scan", gc, ctx, tasks(), convert)
+    view = _collect("memory_scan", ctx, tasks(), convert)
     if isinstance(scan, Unavailable):
         return TaskView("memory_scan", view.tasks, f"live sweep unavailable: {scan.reason}")
     return TaskView("memory_scan", view.tasks, "; ".join(filter(None, [view.truncated, scan.truncated])))
 
 
-def _leader(gc: GuestContext, task_address: int) -> Any:
-    """The thread-group leader of the task at `task_address`: the views compare leaders,
-    and a hidden process's running thread need not be its leader."""
-    task = gc.module.object("task_struct", offset=task_address, absolute=True)
-    if int(task.pid) != int(task.tgid):
-        task = task.group_leader.dereference()
-    return task
-
-
 def run_queue_view(gc: GuestContext, ctx: FactContext) -> TaskView:
+    """The run queues' tasks, each as its thread-group leader: the views compare leaders,
+    and a hidden process's running thread need not be its leader."""
     from sva.guest.runqueue import run_queue_tasks
 
     found = run_queue_tasks(gc, ctx.time_left)
+    raw = _RawTasks(gc)
 
-    def leaders() -> Iterator[Any]:
+    def leaders() -> Iterator[RawTask | None]:
         for address in found.tasks:
-            try:
-                yield _leader(gc, address)
-            except Exception:  # noqa: BLE001, S112 - an unreadable entry is skipped
-                continue
+            task = raw.at_virtual(address)
+            yield None if task is None else raw.leader(task)
 
-    view = _collect("run_queue", gc, ctx, leaders(), lambda t: _sighting(gc, t))
+    view = _collect("run_queue", ctx, leaders(), raw.sighting)
     truncated = "; ".join(filter(None, [view.truncated, *found.problems]))
     return TaskView("run_queue", view.tasks, truncated, exhaustive=False)
 

@@ -121,6 +121,26 @@ def test_injected_code_needs_code_and_allows_jit_runtimes() -> None:
     assert code_pattern(b"\x90" * 8, [b"\x55\x48\x89\xe5"]) is None
 
 
+def test_hits_gone_by_the_freeze_are_dropped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The scan runs on the live guest; the freeze re-reads every hit and keeps only those
+    whose bytes are still there."""
+    from sva.guest.memscan import still_present
+    from sva.scan.scanner import ScanReport, StringHit, YaraMatch
+    from sva.testing import synthetic_backend
+
+    b = synthetic_backend(tmp_path, [(0, 1 << 16)], seed=3)
+    try:
+        here, gone = StringHit("$a", 0x100, 8, b.read(0x100, 8)), StringHit("$a", 0x200, 8, b"not-here")
+        both = YaraMatch("test", "r1", (), {}, (here, gone))
+        vanished = YaraMatch("test", "r2", (), {}, (StringHit("$b", 0x300, 4, b"gone"),))
+        no_strings = YaraMatch("test", "r3", (), {}, ())
+        report = ScanReport([both, vanished, no_strings], [], {}, 1 << 16, 1, 0.0, "fp")
+        kept = still_present(b, report).matches
+        assert [(m.rule, [h.address for h in m.hits]) for m in kept] == [("r1", [0x100]), ("r3", [])]
+    finally:
+        b.close()
+
+
 def test_page_table_walk_finds_pages_of_all_sizes() -> None:
     tables: dict[int, list[int]] = {
         a: [0] * 512 for a in (0x1000, 0x2000, 0x3000, 0x4000)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,6 +239,34 @@ def test_consistent_facts_are_computed_inside_the_freeze_and_detectors_after(pau
     assert report.pause_seconds is not None and report.pause_seconds >= 0
     records = {r.name: r for r in report.facts}
     assert records["task_list"].in_freeze and not records["config"].in_freeze
+
+
+def test_live_prerequisites_of_frozen_facts_run_before_the_freeze(pausable: PausableSnapshot) -> None:
+    seen: dict[str, Any] = {}
+
+    def record(name: str, value: Any = None) -> Callable[[Any], Any]:
+        def fn(ctx: Any) -> Any:
+            seen[name] = ("paused" if ctx.backend.paused else "running", list(pausable.log), value and ctx.fact(value))
+            return name
+
+        return fn
+
+    sweep = Counting("ram_sweep", fn=record("ram_sweep"))
+    views = Counting("views", fn=record("views", "ram_sweep"), consistent=True, requires={"ram_sweep"})
+    # Reads a frozen fact itself, so it cannot run before the freeze.
+    derived = Counting("derived", fn=record("derived", "views"), requires={"views"})
+    recheck = Counting("recheck", fn=record("recheck", "derived"), consistent=True, requires={"derived"})
+    eng = make_engine([detector("d", needs={"views", "recheck"})], [sweep, derived, views, recheck], backend=pausable)
+    assert eng.live_prerequisites(["views", "recheck"]) == ["ram_sweep"]
+    report = eng.run_cycle()
+    assert seen["ram_sweep"] == ("running", [], None)  # before the pause
+    assert seen["views"] == ("paused", ["pause"], "ram_sweep")
+    assert seen["derived"][0] == seen["recheck"][0] == "paused"
+    assert sweep.calls == views.calls == derived.calls == 1
+    records = {r.name: r for r in report.facts}
+    assert next(iter(records)) == "ram_sweep" and not records["ram_sweep"].in_freeze
+    assert records["views"].in_freeze and records["recheck"].in_freeze
+    assert pausable.log == ["pause", "resume"]
 
 
 def test_no_freeze_when_no_enabled_detector_needs_a_consistent_fact(pausable: PausableSnapshot) -> None:

@@ -69,7 +69,7 @@ def test_layout_reads_offsets_through_anonymous_members() -> None:
                     "tasks": {"offset": 16, "type": {"kind": "struct", "name": "list_head"}},
                     "unnamed_field_40": {"offset": 64, "anonymous": True, "type": {"kind": "struct", "name": "a"}},
                     **{n: {"offset": o, "type": {}} for n, o in (
-                        ("comm", 100), ("real_parent", 120), ("start_time", 128), ("cred", 136),
+                        ("exit_state", 96), ("comm", 100), ("real_parent", 120), ("start_time", 128), ("cred", 136),
                         ("signal", 144), ("nsproxy", 152), ("mm", 160), ("active_mm", 168))},
                 },
             },
@@ -82,5 +82,5 @@ def test_layout_reads_offsets_through_anonymous_members() -> None:
         },
     }
     lay = TaskLayout.from_isf(isf, slide=0x200000)
-    assert (lay.pid, lay.tgid, lay.cred_uid, lay.tasks) == (64, 68, 4, 16)
+    assert (lay.pid, lay.tgid, lay.exit_state, lay.cred_uid, lay.tasks) == (64, 68, 96, 4, 16)
     assert lay.init_task == (0xFFFFFFFF82200000 & ((1 << 48) - 1))

@@ -5,6 +5,8 @@ the lab guest in tests/detectors/test_rootkit.py."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from sva.guest import runqueue
@@ -112,7 +114,7 @@ def test_a_huge_rt_list_stops_at_the_node_bound(monkeypatch: pytest.MonkeyPatch)
     head = RQ + LAY.rq_rt
     nodes = [K + 0x700000 + 64 * i for i in range(200)]
     mem.put(head, kernel_ptr(nodes[0]))
-    for n, nxt in zip(nodes, nodes[1:], strict=False):
+    for n, nxt in itertools.pairwise(nodes):
         mem.put(n, kernel_ptr(nxt))
     with pytest.raises(WalkStopped, match="more than 50"):
         walk(mem)
