@@ -1,7 +1,7 @@
 """YARA over guest memory: rule loading, zero-copy physical scans, incremental rescans.
 
     from sva.scan import CompiledRuleSet, PhysicalScanner, IncrementalScanner
-    rules = CompiledRuleSet.default()                  # signatures/ (memory + test sets)
+    rules = CompiledRuleSet.default()                  # signatures/ memory + test sets (not network/)
     report = PhysicalScanner(rules).scan(backend)      # every RAM region, 16 MiB chunks
     for m in report.matches:
         print(m.key, m.author, m.reference, [hex(a) for a in m.addresses])

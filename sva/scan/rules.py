@@ -50,6 +50,10 @@ _TOP_LINE = re.compile(r"^line (?P<line>\d+): (?P<msg>.*)$", re.S)
 _TECHNIQUE = re.compile(r"\bT\d{4}(?:\.\d{3})?\b")
 
 
+# Rule sets under signatures/ that are not for guest memory (`sva net` scans flow payloads with them).
+NON_MEMORY_SETS = frozenset({"network"})
+
+
 def signatures_dir() -> Path:
     """The repository's `signatures/` directory (the built-in bundle)."""
     return Path(__file__).resolve().parents[2] / "signatures"
@@ -219,8 +223,10 @@ class CompiledRuleSet:
         slow_policy: SlowRulePolicy | None = None,
         sample: bytes | memoryview | None = None,
     ) -> CompiledRuleSet:
-        """The built-in bundle: every set under the repository's `signatures/`."""
-        return cls.load(signatures_dir(), strict=strict, slow_policy=slow_policy, sample=sample)
+        """The built-in bundle's memory rules: every set under the repository's `signatures/`
+        except the ones written for other inputs (`network/`: flow payloads)."""
+        sets = [s for s in discover(signatures_dir()) if s.namespace not in NON_MEMORY_SETS]
+        return cls.compile(sets, strict=strict, slow_policy=slow_policy, sample=sample)
 
     @classmethod
     def compile(

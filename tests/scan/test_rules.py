@@ -9,6 +9,7 @@ import pytest
 
 from sva.errors import SignatureError
 from sva.scan import CompiledRuleSet, PhysicalScanner, SlowRulePolicy, discover
+from sva.scan.rules import signatures_dir
 from sva.scan.sample import backend_sample, synthetic_memory
 from sva.testing import synthetic_backend
 
@@ -175,6 +176,8 @@ def test_default_bundle() -> None:
     assert rs.errors == () and rs.warnings == ()
     assert set(rs.namespaces) >= {"memory", "test"}
     assert "test:SVA_Lab_Marker" in rs.infos
+    # network/ holds flow-payload rules for `sva net`: not part of the memory rule set
+    assert (signatures_dir() / "network").is_dir() and "network" not in rs.namespaces
     for info in rs.infos.values():
         assert info.author and info.description and info.file_conditions == ()
         if info.namespace == "memory":
