@@ -71,12 +71,18 @@ class NetIoc:
             s.add(ts, count)
 
         ip_hits = []
-        for f in window.flows:
-            for remote, local, mac in ((f.dst_ip, f.src_ip, f.src_mac), (f.src_ip, f.dst_ip, f.dst_mac)):
-                hit = iocs.match_ip(remote)
-                if hit is not None:
-                    ip_hits.append((f, hit, local, mac))
-                    break
+        flows = window.flows
+        if iocs.has_ips:
+            # Each distinct address once, then only the flows of listed ones: a window holds
+            # many flows between few addresses.
+            seen_ips = {f.src_ip for f in flows}
+            seen_ips.update(f.dst_ip for f in flows)
+            bad = {ip for ip in seen_ips if iocs.match_ip(ip) is not None}
+            for f in flows if bad else ():
+                if f.dst_ip in bad:
+                    ip_hits.append((f, iocs.match_ip(f.dst_ip), f.src_ip, f.src_mac))
+                elif f.src_ip in bad:
+                    ip_hits.append((f, iocs.match_ip(f.src_ip), f.dst_ip, f.dst_mac))
         # Oldest first: the flow that opened the conversation gives the evidence's 5-tuple.
         for f, hit, local, mac in sorted(ip_hits, key=lambda x: x[0].first):
             note(hit, "ip", whois(inv, port=f.port, mac=mac, ip=local), local, f.first, f.evidence(), f.packets)

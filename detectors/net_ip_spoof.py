@@ -39,18 +39,24 @@ class NetIpSpoof:
         inv: Inventory = facts["net_inventory"]
         for rule in rules.of_kind(IpSpoofRule):
             found: dict[tuple[str, str], FlowGroup] = {}
-            for f in window.flows:
-                vm = inv.vm_by_mac(f.src_mac)
+            # Decide once per distinct (port, source MAC, source IP), then gather the flows.
+            verdicts: dict[tuple[str, str, str], tuple[str, str]] = {}
+            for port, src_mac, src_ip, ip_version in {(f.port, f.src_mac, f.src_ip, f.ip_version) for f in window.flows}:
+                vm = inv.vm_by_mac(src_mac)
                 if vm is None:
-                    port_vm = inv.vm_by_port(f.port)
+                    port_vm = inv.vm_by_port(port)
                     if port_vm is None or port_vm.port_traffic != "from_vm":
                         continue
                     vm = port_vm
-                if not judged(inv, vm, f.ip_version) or inv.may_send_from(vm, f.src_ip):
+                if not judged(inv, vm, ip_version) or inv.may_send_from(vm, src_ip):
                     continue
-                if rule.allows_source(f.src_ip):
+                if rule.allows_source(src_ip):
                     continue
-                found.setdefault((vm.name, f.src_ip), FlowGroup()).add(f)
+                verdicts[(port, src_mac, src_ip)] = (vm.name, src_ip)
+            for f in window.flows if verdicts else ():
+                key = verdicts.get((f.port, f.src_mac, f.src_ip))
+                if key is not None:
+                    found.setdefault(key, FlowGroup()).add(f)
             for (name, ip), agg in found.items():
                 if rule.allows_vm(name):
                     continue

@@ -44,18 +44,25 @@ class NetMacSpoof:
         on_port: dict[tuple[str, str], FlowGroup] = {}  # (vm, src mac)
         arp_on_port: dict[tuple[str, str], list[ArpObservation]] = {}  # ARP is no flow: counted apart
         borrowed: dict[tuple[str, str], FlowGroup] = {}  # (owner vm, src mac)
-        for f in window.flows:
-            if f.src_mac in rule.allow_macs:
+        # Decide once per distinct (port, source MAC, destination MAC, source IP), then
+        # gather the flows of the flagged ones: many flows share few such combinations.
+        verdicts: dict[tuple[str, str, str, str], tuple[dict[tuple[str, str], FlowGroup], tuple[str, str]]] = {}
+        for port, src_mac, dst_mac, src_ip in {(f.port, f.src_mac, f.dst_mac, f.src_ip) for f in window.flows}:
+            if src_mac in rule.allow_macs:
                 continue
-            vm = from_vm_on_port(inv, f.port, f.src_mac, f.dst_mac)
+            vm = from_vm_on_port(inv, port, src_mac, dst_mac)
             if vm is not None:
-                on_port.setdefault((vm.name, f.src_mac), FlowGroup()).add(f)
+                verdicts[(port, src_mac, dst_mac, src_ip)] = (on_port, (vm.name, src_mac))
                 continue
-            if not rule.check_ip_owner or inv.vm_by_mac(f.src_mac) or inv.gateway_by_mac(f.src_mac):
+            if not rule.check_ip_owner or inv.vm_by_mac(src_mac) or inv.gateway_by_mac(src_mac):
                 continue
-            owner = inv.owner_of_ip(f.src_ip)
-            if owner is not None and owner.kind == "vm" and not owner.learned and f.src_mac not in owner.macs:
-                borrowed.setdefault((owner.name, f.src_mac), FlowGroup()).add(f)
+            owner = inv.owner_of_ip(src_ip)
+            if owner is not None and owner.kind == "vm" and not owner.learned and src_mac not in owner.macs:
+                verdicts[(port, src_mac, dst_mac, src_ip)] = (borrowed, (owner.name, src_mac))
+        for f in window.flows if verdicts else ():
+            verdict = verdicts.get((f.port, f.src_mac, f.dst_mac, f.src_ip))
+            if verdict is not None:
+                verdict[0].setdefault(verdict[1], FlowGroup()).add(f)
         for a in window.arp:
             if a.eth_src in rule.allow_macs:
                 continue

@@ -30,15 +30,21 @@ class PortScan(Finding):
     default_severity: ClassVar[Severity] = Severity.MEDIUM
 
 
-def _is_probe(rule: PortScanRule, f: FlowRecord, starts: dict[tuple[str, str, int, int, int], float]) -> bool:
-    if f.packets > rule.max_probe_packets:
-        return False
+def _probes(rule: PortScanRule, flows: tuple[FlowRecord, ...], since: float) -> list[FlowRecord]:
+    """The window's probe flows for `rule` (plain comprehensions: they run over every flow)."""
+    most = rule.max_probe_packets
     if rule.protocol == "tcp":
-        return f.proto == 6 and f.syn > 0 and not f.head
-    if f.proto != 17:
-        return False
-    reverse_first = starts.get(f.reverse_key())
-    return reverse_first is None or reverse_first > f.first  # a reply is not a probe
+        return [f for f in flows if f.proto == 6 and f.syn and f.packets <= most and not f.head and f.last >= since]
+    udp = [f for f in flows if f.proto == 17 and f.last >= since]
+    starts = {(f.src_ip, f.dst_ip, f.sport, f.dport): f.first for f in udp}
+    out = []
+    for f in udp:
+        if f.packets > most:
+            continue
+        reverse_first = starts.get((f.dst_ip, f.src_ip, f.dport, f.sport))
+        if reverse_first is None or reverse_first > f.first:  # a reply is not a probe
+            out.append(f)
+    return out
 
 
 def _evidence(rule: PortScanRule, probes: list[FlowRecord]) -> dict[str, Any]:
@@ -67,13 +73,10 @@ class NetPortScan:
     def detect(self, facts: FactView, rules: RuleSet) -> Iterator[Finding]:
         window: NetWindow = facts["net_window"]
         inv: Inventory = facts["net_inventory"]
-        starts = {f.key(): f.first for f in window.flows}
         for rule in rules.of_kind(PortScanRule):
-            since = window.end - rule.window_seconds
             by_src: dict[tuple[str, str], list[FlowRecord]] = {}
-            for f in window.flows:
-                if f.last >= since and _is_probe(rule, f, starts):
-                    by_src.setdefault((f.src_ip, f.src_mac), []).append(f)
+            for f in _probes(rule, window.flows, window.end - rule.window_seconds):
+                by_src.setdefault((f.src_ip, f.src_mac), []).append(f)
             for (src_ip, src_mac), probes in by_src.items():
                 if rule.allows_source(src_ip):
                     continue

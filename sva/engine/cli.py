@@ -4,17 +4,24 @@
     sva rules list [PATH ...]     the rules, their kind, maturity, severity and ATT&CK ids
 
 PATH is a rules file or a directory of *.toml files (default: $SVA_RULES_DIR, the
-repository's rules/, or /etc/sva/rules). A missing path is a usage error (exit 2).
+repository's rules/, or /etc/sva/rules, with its network/ subdirectory). A missing path is a usage error (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sva.cli import print_json
 from sva.engine.ruleload import check_rules
 from sva.engine.rules import Maturity, default_rules_dir
+
+
+def _default_paths() -> list[Path]:
+    """The rules dir, and its network/ subdirectory (the rules `sva net` loads) if present."""
+    d = default_rules_dir()
+    return [d, *([d / "network"] if (d / "network").is_dir() else [])]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -43,7 +50,7 @@ def _register_plugin_rule_kinds() -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     _register_plugin_rule_kinds()
-    paths = args.paths or [default_rules_dir()]
+    paths = args.paths or _default_paths()
     ruleset, errors = check_rules(paths, frozenset(Maturity))
     if args.json:
         print_json({
@@ -65,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     _register_plugin_rule_kinds()
-    paths = args.paths or [default_rules_dir()]
+    paths = args.paths or _default_paths()
     ruleset, errors = check_rules(paths, frozenset(Maturity))
     for e in errors:
         print(str(e), file=sys.stderr)

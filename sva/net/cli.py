@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +131,14 @@ def cmd_net(args: argparse.Namespace) -> int:
 
     source, lab_name = _open(args.source, args.bpf)
     try:
-        inventory = _inventory(args.inventory, lab_name)
+        monitor = NetMonitor(
+            source, inventory=_inventory(args.inventory, lab_name), rules=rules, detectors=detectors, iocs=iocs,
+            payload_rules=payload_rules, sinks=sinks, limits=Limits(interval=args.interval, horizon=args.horizon),
+            name=f"net:{args.source}",
+        )  # fmt: skip
     except BaseException:
-        source.close()
+        source.close()  # a mirror socket left open would stall the guest's NIC
         raise
-    monitor = NetMonitor(
-        source, inventory=inventory, rules=rules, detectors=detectors, iocs=iocs, payload_rules=payload_rules,
-        sinks=sinks, limits=Limits(interval=args.interval, horizon=args.horizon), name=f"net:{args.source}",
-    )  # fmt: skip
 
     stop = threading.Event()
     want_stats = threading.Event()
@@ -153,8 +154,6 @@ def cmd_net(args: argparse.Namespace) -> int:
     last_stats = [monitor.started]
 
     def on_idle() -> None:
-        import time
-
         if want_stats.is_set():
             want_stats.clear()
             print_stats()

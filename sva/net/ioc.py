@@ -48,12 +48,22 @@ class IocSet:
     _prefixes: dict[tuple[int, int], dict[int, tuple[str, str, str]]] = field(default_factory=dict, repr=False)
     # The same few addresses come up every cycle (a window's flows): remember the answers.
     _ip_cache: dict[str, IocHit | None] = field(default_factory=dict, repr=False, compare=False)
+    _name_cache: dict[str, IocHit | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def empty(self) -> bool:
         return not self._domains and not self._prefixes
 
+    @property
+    def has_ips(self) -> bool:
+        return bool(self._prefixes)
+
     def match_domain(self, name: str) -> IocHit | None:
+        return memo(self._name_cache, name, self._match_domain, MAX_CACHE)
+
+    def _match_domain(self, name: str) -> IocHit | None:
+        if not self._domains:
+            return None
         name = name.strip().rstrip(".").lower()
         labels = name.split(".")
         if len(labels) > MAX_LABELS:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from sva.bus.sink import Sink
     from sva.engine.detector import Detector
     from sva.net.capture import CaptureSource
+    from sva.net.flows import FlowTable
     from sva.scan.rules import CompiledRuleSet
 
 log = logging.getLogger("sva.net.monitor")
@@ -77,6 +78,10 @@ class Limits:
     max_records: int = 20000  # per observation kind in the horizon (oldest dropped, counted)
     max_window_flows: int = 100000  # flows handed to the detectors per cycle (most recent first)
     max_payload_scans: int = 20000  # flow heads scanned with YARA per cycle
+    # Live sources: a cycle that took c seconds delays the next one to c / max_cycle_share
+    # after it, so detection never takes more than this share of the time that packets
+    # need (under load, findings come later; packets are not dropped for detection's sake).
+    max_cycle_share: float = 0.25
 
 
 def network_rules_dirs(base: Path | None = None) -> list[Path]:
@@ -247,7 +252,7 @@ class NetMonitor:
         limits: Limits = Limits(),
         live: bool | None = None,
         name: str | None = None,
-        table: Any = None,
+        table: FlowTable | None = None,
     ) -> None:
         from sva.net.fastpath import FastPath
         from sva.net.flows import FlowTable
@@ -353,8 +358,9 @@ class NetMonitor:
             if self._next_cycle is None:
                 self._next_cycle = t + interval
             elif t >= self._next_cycle:
-                self._next_cycle = t + interval
                 on_cycle()
+                spent = time.monotonic() - t
+                self._next_cycle = t + max(interval, spent / self.limits.max_cycle_share)
             return
         i, n = 0, len(batch)
         while i < n:

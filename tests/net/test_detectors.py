@@ -416,3 +416,18 @@ def test_floods_hit_the_bounds_and_are_counted(tmp_path: Path, iocs: Any, yara_r
     assert c.flows_evicted >= 130 and c.records_dropped == 20 and c.windows_truncated >= 1
     assert len(mon.window.dns) == 10 and len(mon.window.flows) == 50
     assert all(d.status == "ok" for r in reports for d in r.detectors)
+
+
+def test_ipv6_sources_judged_only_where_the_vm_has_an_ipv6_binding(tmp_path: Path, iocs: Any, yara_rules: Any) -> None:
+    from scapy.layers.inet6 import IPv6
+
+    inventory = INVENTORY.replace(f'ips = ["{IA}"]', f'ips = ["{IA}", "fd00:77::1/128"]')
+    cap = Capture()
+    cap.add(ether(A, B) / IPv6(src="fd00:77::1", dst="fd00:77::2") / UDP(sport=1, dport=2))  # its own address
+    cap.add(ether(A, B) / IPv6(src="fe80::1", dst="fd00:77::2") / UDP(sport=3, dport=4))  # link-local: fine
+    cap.add(ether(A, B) / IPv6(src="fd00:77::99", dst="fd00:77::2") / UDP(sport=5, dport=6))  # not vm-a's
+    cap.add(ether(B, A) / IPv6(src="fd00:77::55", dst="fd00:77::1") / UDP(sport=7, dport=8))  # vm-b: no IPv6 binding
+    reports, _ = run(tmp_path, cap, iocs, yara_rules, inventory=inventory)
+    found = [a.finding for a in by_detector(reports, "net_ip_spoof")]
+    assert [f.subject for f in found] == [("vm-a", "fd00:77::99")]
+    assert found[0].evidence["flow"] == "udp [fd00:77::99]:5 -> [fd00:77::2]:6"

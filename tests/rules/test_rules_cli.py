@@ -22,7 +22,10 @@ def sva(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 def test_shipped_rules_pass_by_default_and_by_path() -> None:
     res = sva("rules", "check")
     assert res.returncode == 0, res.stdout + res.stderr
-    shipped = len(list((Path(__file__).resolve().parents[2] / "rules").glob("*.toml")))
+    rules = Path(__file__).resolve().parents[2] / "rules"
+    # rules/*.toml (memory) and rules/network/*.toml (sva net) are both checked by default
+    shipped = len(list(rules.glob("*.toml"))) + len(list((rules / "network").glob("*.toml")))
+    assert shipped > len(list(rules.glob("*.toml")))
     assert res.stdout.startswith("ok: ") and f"{shipped} file(s)" in res.stdout
     res = sva("rules", "check", "rules/process_policy.toml", "--json")
     assert res.returncode == 0
