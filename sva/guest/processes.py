@@ -327,21 +327,18 @@ def _valid_task(t: RawTask, lay: TaskLayout, readable: Any) -> bool:
 def list_processes(gc: GuestContext, details: bool = True, fast: bool = True) -> tuple[ProcessInfo, ...]:
     """Every task on the kernel's task list (thread-group leaders), sorted by pid.
 
-    Without `details` (argv, exe) the raw walk answers, unless `fast` is False: then
-    volatility3 objects do. With details, the raw walk finds the tasks (the same ones
-    pslist gives) and volatility3 objects read them, unless `fast` is False: then
-    volatility3's pslist walks the list too (the reference the raw walk is tested against).
+    The raw walk answers, and with `details` volatility3 objects add argv and exe (path
+    walks that are not worth redoing raw); with `fast` False volatility3 objects answer
+    everything (the reference the raw walk is tested against).
     """
     if fast and not details:
         return tuple(sorted(_walk_raw(gc), key=lambda p: p.pid))
+    if fast:
+        return tuple(sorted(_with_details(gc, _walk_raw(gc)), key=lambda p: p.pid))
     from volatility3.plugins.linux import pslist
 
     out: list[ProcessInfo] = []
-    tasks: Iterable[Any]
-    if fast:
-        tasks = (gc.module.object("task_struct", offset=t.address, absolute=True) for t in raw_task_list(gc))
-    else:
-        tasks = pslist.PsList.list_tasks(gc.context, gc.module.name)
+    tasks = pslist.PsList.list_tasks(gc.context, gc.module.name)
     for task in itertools.islice(tasks, MAX_TASKS):
         try:
             pid = int(task.pid)
@@ -375,6 +372,19 @@ def list_processes(gc: GuestContext, details: bool = True, fast: bool = True) ->
             )
         )
     return tuple(sorted(out, key=lambda p: p.pid))
+
+
+def _with_details(gc: GuestContext, procs: Iterable[ProcessInfo]) -> Iterable[ProcessInfo]:
+    """`procs` with argv and exe read through volatility3 objects."""
+    import dataclasses
+
+    for p in procs:
+        if p.task_address is None:
+            yield p
+            continue
+        task = gc.module.object("task_struct", offset=p.task_address & ADDRESS_MASK, absolute=True)
+        exe, deleted = _exe(gc, task)
+        yield dataclasses.replace(p, argv=_argv(gc, task), exe=exe, exe_deleted=deleted)
 
 
 @dataclass(frozen=True)

@@ -449,6 +449,38 @@ def test_ftrace_hooks_on_syscalls_are_found(harness) -> None:
 
 
 @lab
+def test_hostile_ftrace_ops_list_is_bounded(harness) -> None:
+    """An ftrace_ops that links to itself and whose filter-hash pointer is garbage: the
+    walk reports both problems and stops; the cycle goes on and judges what was read."""
+    from sva.guest.ftrace import registered_ops
+    from sva.guest.integrity import _Resolver
+
+    off = {m: harness.offset("ftrace_ops", m) for m in ("func", "next", "func_hash")}
+    with harness.backend.frozen():
+        pob = harness.read_u64(harness.symbol_va("page_offset_base"))
+        scratch = _zero_page(harness, pob)
+        ops = pob + scratch
+        page = bytearray(4096)
+        struct.pack_into("<Q", page, off["func"], 0x4141414141414141)
+        struct.pack_into("<Q", page, off["next"], ops)  # a cycle
+        struct.pack_into("<Q", page, off["func_hash"], 0x1234)  # not a kernel address
+        writes = [(scratch, bytes(page)), (harness.phys(harness.symbol_va("ftrace_ops_list")), struct.pack("<Q", ops))]
+        with harness.patched(writes):
+            t0 = time.monotonic()
+            report = harness.cycle()
+            harness.gc.begin_cycle()
+            problems: list[str] = []
+            walked = registered_ops(harness.gc, _Resolver(harness.gc), problems)
+            assert time.monotonic() - t0 < 30
+    assert [o.address for o in walked] == [ops]
+    assert any("loops back" in p for p in problems) and any("not a kernel address" in p for p in problems), problems
+    (alert,) = alerts_of(report, "rootkit.ftrace_ops", "new")
+    assert alert.finding.evidence["callback"] == "0x4141414141414141"
+    assert alert.finding.evidence["callback_region"] == "other"
+    assert alerts_of(harness.cycle(), "rootkit.ftrace_ops", "resolved")
+
+
+@lab
 def test_module_unlinked_from_module_list_is_found(harness) -> None:
     mods = list_modules(harness.gc)
     assert mods, "the lab guest has no modules"

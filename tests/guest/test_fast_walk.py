@@ -30,6 +30,12 @@ def test_raw_walk_equals_volatility3_objects(lab_guest) -> None:
                 gc.begin_cycle()
                 objects = list_processes(gc, details=False, fast=False)
             assert _key(raw) == _key(objects)
+            with b.frozen():  # with argv and exe: raw walk + objects for the details only
+                gc.begin_cycle()
+                detailed = list_processes(gc)
+                gc.begin_cycle()
+                assert detailed == list_processes(gc, fast=False)
+            assert any(p.argv and p.exe for p in detailed)
             assert len(raw) > 20 and {1, 2} <= {p.pid for p in raw}
             assert any(p.comm == "xmrig" for p in raw) and all(p.argv == () for p in raw)
         # The raw walk is the per-cycle path: well under the 50 ms goal even on a loaded machine.
