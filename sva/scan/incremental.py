@@ -1,5 +1,7 @@
 """Incremental rescans: hash every guest page each cycle, rescan only the pages that changed.
 
+Full scans skip all-zero 64 KiB blocks (see `IncrementalConfig.skip_zero_blocks`).
+
 An idle guest rewrites a few dozen of its 65 536 pages (256 MiB) per second, so scanning
 all of RAM every cycle mostly re-reads unchanged bytes. Each cycle here:
 
@@ -62,6 +64,7 @@ from sva.vmi.base import PAGE_SIZE, Backend
 _RETRY = (ProblemKind.TIMEOUT, ProblemKind.SCAN_ERROR, ProblemKind.UNREADABLE)
 _DIFF_BLOCK = 4096  # hashes compared at once before looking at single ones
 BLOCK_PAGES = 16  # pages per first-level hash block (64 KiB)
+_ZERO_BLOCK = bytes(BLOCK_PAGES * PAGE_SIZE)  # one all-zero hash block
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class IncrementalConfig:
     merge_gap: int = 64 * 1024  # windows this close are scanned in one call
     full_rescan_every: int = 0  # every Nth cycle is a full scan; 0: only when needed
     max_rescan_fraction: float = 0.5  # rescanning more than this share of RAM: full scan
+    # Full scans leave out 64 KiB blocks that are all zero bytes (most of an idle guest's
+    # RAM), with `context` bytes around every non-zero run still scanned. A rule that can
+    # match zero bytes alone no longer fires inside such blocks; False restores it.
+    skip_zero_blocks: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -154,6 +161,7 @@ class IncrementalScanner:
         self.incremental = incremental or IncrementalConfig()
         self._seed = secrets.randbits(64) if seed is None else seed
         self._state: _State | None = None
+        self._zero_hash: int | None = None
         self.cycles = 0
 
     @property
@@ -281,7 +289,13 @@ class IncrementalScanner:
         t_hash: float,
         n_changed: int | None = None,
     ) -> ScanReport:
-        report = self.scanner.scan(backend)
+        if self.incremental.skip_zero_blocks:
+            acc = _Collector(self.scanner.config)
+            ranges, skipped = self._nonzero_ranges(backend, hashes)
+            self.scanner._scan_gpa_ranges(acc, backend, [(s, e - s) for s, e in ranges])
+            report = acc.report(t0, self.rules.fingerprint)
+        else:
+            report, skipped = self.scanner.scan(backend), 0
         report.problems[:0] = hash_problems
         self._state = _State(
             fingerprint=self.rules.fingerprint,
@@ -296,8 +310,46 @@ class IncrementalScanner:
         report.pages_total = sum(len(h.pages) for h in hashes)
         report.pages_rescanned = report.pages_total
         report.pages_changed = n_changed
-        report.extra = {"hash_seconds": t_hash}
+        report.extra = {"hash_seconds": t_hash, "zero_blocks_skipped": float(skipped)}
         return report
+
+    def _nonzero_ranges(
+        self, backend: Backend, hashes: list[RegionHashes]
+    ) -> tuple[list[tuple[int, int]], int]:
+        """GPA ranges a full scan must cover: every region minus its all-zero 64 KiB blocks
+        (the non-zero runs widened by `context`); and how many blocks were left out.
+
+        A block counts as zero when its keyed hash is the zero block's and, checked again
+        now, its bytes are all zero (the hash was taken earlier; the guest may be running).
+        A block written after that check has a new hash, so the next cycle rescans it.
+        """
+        block = BLOCK_PAGES * PAGE_SIZE
+        zero_hash = self._zero_hash
+        if zero_hash is None:
+            zero_hash = self._zero_hash = xxhash.xxh3_64_intdigest(_ZERO_BLOCK, self._seed)
+        ctx = self.context
+        out: list[tuple[int, int]] = []
+        skipped = 0
+        for region, h in zip(backend.memory_map, hashes):
+            candidates = [k for k, v in enumerate(h.blocks) if v == zero_hash and (k + 1) * block <= region.size]
+            zero: set[int] = set()
+            if candidates:
+                try:
+                    view = backend.view(region.gpa, region.size)
+                except SvaError:
+                    view = None  # the scan reports it unreadable
+                if view is not None:
+                    try:
+                        zero = {k for k in candidates if view[k * block : (k + 1) * block] == _ZERO_BLOCK}
+                    finally:
+                        view.release()
+            skipped += len(zero)
+            nonzero = [k for k in range(len(h.blocks)) if k not in zero]
+            for first, last in _runs(nonzero):
+                lo = max(region.gpa, region.gpa + first * block - ctx)
+                hi = min(region.end, region.gpa + (last + 1) * block + ctx)
+                out.append((lo, hi))
+        return merge_ranges(out), skipped
 
     def _windows(
         self,

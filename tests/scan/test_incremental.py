@@ -124,3 +124,43 @@ def test_blocks_that_timed_out_are_retried(tmp_path: Path) -> None:
 def test_bad_incremental_config() -> None:
     with pytest.raises(ConfigError, match="max_rescan_fraction"):
         IncrementalConfig(max_rescan_fraction=0)
+
+
+ZERO_TAIL_RULE = """
+rule Zero_Tail { strings: $z = { 53 56 41 2D 5A 45 52 4F 00 00 00 00 00 00 00 00 00 00 00 00 } condition: $z }
+rule Single { strings: $s = "SVA-INCR-SINGLE-MARK" condition: $s }
+"""
+
+
+def test_full_scans_skip_zero_blocks_but_keep_the_context_around_them(tmp_path: Path) -> None:
+    """A mostly-zero guest: the all-zero 64 KiB blocks are not scanned, yet a string whose
+    zero tail lies in a skipped block and one deep inside a non-zero block are both found,
+    and skipping can be turned off."""
+    rules = CompiledRuleSet.load(write_rules(tmp_path / "rules", "zero.yar", ZERO_TAIL_RULE))
+    block = BLOCK_PAGES * PAGE
+    with synthetic_backend(tmp_path, [(0, 4 * MiB)], seed=3) as b:
+        poke(b, 0, bytes(4 * MiB))  # all zero
+        poke(b, 5 * block - 8, b"SVA-ZERO")  # its zero tail runs into block 5, which stays zero
+        poke(b, 20 * block + 100, b"SVA-INCR-SINGLE-MARK")
+        r = IncrementalScanner(rules).cycle(b)
+        assert r.full
+        assert r.extra["zero_blocks_skipped"] == 64 - 2
+        assert r.bytes_scanned < 4 * block  # two blocks and their context, not 4 MiB
+        assert r.hit_addresses("zero:Zero_Tail") == [5 * block - 8]
+        assert r.hit_addresses("zero:Single") == [20 * block + 100]
+        full = IncrementalScanner(rules, incremental=IncrementalConfig(skip_zero_blocks=False)).cycle(b)
+        assert full.bytes_scanned == 4 * MiB and full.extra["zero_blocks_skipped"] == 0
+        assert sorted(m.key for m in full.matches) == sorted(m.key for m in r.matches)
+
+
+def test_a_zero_block_written_after_hashing_is_still_scanned(tmp_path: Path, rules: CompiledRuleSet) -> None:
+    """The hash says zero, the bytes say otherwise by scan time (a running guest): scanned."""
+    block = BLOCK_PAGES * PAGE
+    with synthetic_backend(tmp_path, [(0, 1 * MiB)], seed=4) as b:
+        poke(b, 0, bytes(1 * MiB))
+        inc = IncrementalScanner(rules)
+        hashes, _changed = inc._hash(b, [], None)
+        poke(b, 7 * block + 50, b"SVA-INCR-SINGLE-MARK")  # after hashing, before the scan
+        ranges, skipped = inc._nonzero_ranges(b, hashes)
+        assert skipped == 15
+        assert any(lo <= 7 * block + 50 and 7 * block + 70 <= hi for lo, hi in ranges)
