@@ -29,6 +29,7 @@ from typing import Any
 
 from sva import lab
 from sva.engine.scan_cli import build_engine
+from sva.scan.rules import NON_MEMORY_SETS
 from sva.vmi import open_target
 from sva.vmi.snapshot import write_raw
 
@@ -99,7 +100,10 @@ def main() -> int:
         symdir.mkdir(parents=True)
         shutil.copy(table.path, symdir / table.path.name)
         rules = work / "rules.yar"
-        rules.write_text("\n".join(p.read_text() for p in sorted(SIGNATURES.glob("*/*.yar"))))
+        # the memory rule sets sva scans with (CompiledRuleSet.default(): not network/)
+        rules.write_text("\n".join(
+            p.read_text() for p in sorted(SIGNATURES.glob("*/*.yar")) if p.parent.name not in NON_MEMORY_SETS
+        ))  # fmt: skip
         vol = shutil.which("vol") or os.path.join(os.path.dirname(sys.executable), "vol")
         cmd = [vol, "-q", "-s", str(work / "symbols"), "-f", str(snap), "linux.vmayarascan", "--yara-file", str(rules)]
         t = time.perf_counter()

@@ -340,7 +340,8 @@ class IncrementalScanner:
                     view = None  # the scan reports it unreadable
                 if view is not None:
                     try:
-                        zero = {k for k in candidates if view[k * block : (k + 1) * block] == _ZERO_BLOCK}
+                        # bytes(): a memoryview compares item by item, 20x slower than memcmp
+                        zero = {k for k in candidates if bytes(view[k * block : (k + 1) * block]) == _ZERO_BLOCK}
                     finally:
                         view.release()
             skipped += len(zero)
