@@ -483,6 +483,8 @@ class Engine:
             health.append(_resolved_event(resolved))
         if not self._sinks:
             return 0, failed
+        items: list[tuple[str, dict[str, Any]]] = []
+        keys: list[Key | None] = []  # the alert behind each item (None: a health event)
         for alert, obs in zip(alerts, observations, strict=True):
             if alert.state not in self._publish_states:
                 continue
@@ -493,16 +495,38 @@ class Engine:
                 health.append(_error("engine", message, reason="bad-alert", rule=alert.finding.rule))
                 failed.add(obs.key)
                 continue
-            for sink in self._sinks:
-                if self._send(sink, "alert", payload, health):
-                    published += 1
-                else:
-                    failed.add(obs.key)
+            items.append(("alert", payload))
+            keys.append(obs.key)
         for event in list(health):
-            for sink in self._sinks:
-                if self._send(sink, "health", event.to_payload(), health):
-                    published += 1
+            items.append(("health", event.to_payload()))
+            keys.append(None)
+        if not items:
+            return 0, failed
+        for sink in self._sinks:
+            refused = self._send_many(sink, items, health)
+            published += len(items) - len(refused)
+            failed.update(k for i, k in enumerate(keys) if k is not None and i in refused)
         return published, failed
+
+    def _send_many(self, sink: Sink, items: list[tuple[str, dict[str, Any]]], health: list[HealthEvent]) -> set[int]:
+        """Publish a cycle's events through `sink` in one batch (on the bus: one journal
+        write and one lock); the indices of those it did not take. A batch refused as a
+        whole (one bad payload, say) is retried event by event, so one bad event costs
+        only itself; a sink that stops part way (disk full) keeps what it took."""
+        from sva.bus.publisher import PartialPublishError
+        from sva.bus.sink import publish_many
+
+        try:
+            publish_many(sink, items)
+            return set()
+        except PartialPublishError as e:
+            done = len(e.published)
+            log.error("sink %r refused events %d..%d of a cycle: %s", sink, done + 1, len(items), e)
+            message = f"{type(sink).__name__}: {len(items) - done} of {len(items)} events not published: {e}"
+            health.append(_error("sink", message, reason="publish-failed"))
+            return set(range(done, len(items)))
+        except Exception:  # noqa: BLE001 - a failing sink must not stop the cycle or the others
+            return {i for i, (et, payload) in enumerate(items) if not self._send(sink, et, payload, health)}
 
     def _send(self, sink: Sink, event_type: str, payload: dict[str, Any], health: list[HealthEvent]) -> bool:
         try:

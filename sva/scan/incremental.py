@@ -44,6 +44,7 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import xxhash
 
@@ -109,9 +110,20 @@ def rehash(view: memoryview, seed: int, previous: RegionHashes | None) -> tuple[
 
     Only blocks whose hash changed get their pages hashed again.
     """
-    blocks = hash_pages(view, seed, BLOCK_PAGES * PAGE_SIZE)
+    block = BLOCK_PAGES * PAGE_SIZE
+    blocks = hash_pages(view, seed, block)
     if previous is None or len(previous.blocks) != len(blocks):
-        pages = hash_pages(view, seed)
+        # All pages are new. An all-zero block's pages are all the zero page: take their
+        # hash as known instead of hashing them one call each (most of an idle guest).
+        zero_block, zero_page = _zero_hashes(seed)
+        zero_pages = array("Q", [zero_page] * BLOCK_PAGES)
+        pages = array("Q")
+        for k, value in enumerate(blocks):
+            lo = k * block
+            if value == zero_block and lo + block <= len(view):
+                pages.extend(zero_pages)
+            else:
+                pages.extend(hash_pages(view[lo : lo + block], seed))
         return RegionHashes(blocks, pages), list(range(len(pages)))
     pages = array("Q", previous.pages)
     changed: list[int] = []
@@ -123,6 +135,13 @@ def rehash(view: memoryview, seed: int, previous: RegionHashes | None) -> tuple[
                 pages[lo + k] = value
                 changed.append(lo + k)
     return RegionHashes(blocks, pages), changed
+
+
+@lru_cache(maxsize=8)
+def _zero_hashes(seed: int) -> tuple[int, int]:
+    """The keyed hashes of an all-zero hash block and of an all-zero page."""
+    h = xxhash.xxh3_64_intdigest
+    return h(_ZERO_BLOCK, seed), h(_ZERO_BLOCK[:PAGE_SIZE], seed)
 
 
 def changed_indices(old: array, new: array) -> list[int]:
@@ -161,7 +180,6 @@ class IncrementalScanner:
         self.incremental = incremental or IncrementalConfig()
         self._seed = secrets.randbits(64) if seed is None else seed
         self._state: _State | None = None
-        self._zero_hash: int | None = None
         self.cycles = 0
 
     @property
@@ -324,9 +342,7 @@ class IncrementalScanner:
         A block written after that check has a new hash, so the next cycle rescans it.
         """
         block = BLOCK_PAGES * PAGE_SIZE
-        zero_hash = self._zero_hash
-        if zero_hash is None:
-            zero_hash = self._zero_hash = xxhash.xxh3_64_intdigest(_ZERO_BLOCK, self._seed)
+        zero_hash = _zero_hashes(self._seed)[0]
         ctx = self.context
         out: list[tuple[int, int]] = []
         skipped = 0

@@ -164,3 +164,15 @@ def test_a_zero_block_written_after_hashing_is_still_scanned(tmp_path: Path, rul
         ranges, skipped = inc._nonzero_ranges(b, hashes)
         assert skipped == 15
         assert any(lo <= 7 * block + 50 and 7 * block + 70 <= hi for lo, hi in ranges)
+
+
+def test_first_hash_of_zero_blocks_equals_hashing_every_page() -> None:
+    """The shortcut for all-zero blocks gives exactly the page hashes a page-by-page pass does."""
+    block = BLOCK_PAGES * PAGE
+    buf = bytearray(os.urandom(8 * block + 3 * PAGE))  # a short last block too
+    buf[2 * block : 5 * block] = bytes(3 * block)
+    buf[8 * block :] = bytes(3 * PAGE)  # a zero partial block: hashed, not assumed
+    view = memoryview(bytes(buf))
+    got, changed = rehash(view, seed=99, previous=None)
+    assert got.pages == hash_pages(view, 99) and changed == list(range(len(got.pages)))
+    assert got.blocks == hash_pages(view, 99, block)
