@@ -76,6 +76,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sva.engine")
 
+# A batch the sink refused is retried event by event; after this many refusals in a row
+# of one cycle's events the sink is failing, not an event: the rest wait for next cycle.
+_MAX_REFUSED_ONE_BY_ONE = 3
+
 BOOT_ID_FACT = "boot_id"
 DEFAULT_PUBLISH = frozenset({AlertState.NEW, AlertState.CHANGED})
 
@@ -526,7 +530,23 @@ class Engine:
             health.append(_error("sink", message, reason="publish-failed"))
             return set(range(done, len(items)))
         except Exception:  # noqa: BLE001 - a failing sink must not stop the cycle or the others
-            return {i for i, (et, payload) in enumerate(items) if not self._send(sink, et, payload, health)}
+            pass
+        refused: set[int] = set()
+        in_a_row = 0
+        for i, (et, payload) in enumerate(items):
+            if self._send(sink, et, payload, health):
+                in_a_row = 0
+            else:
+                refused.add(i)
+                in_a_row += 1
+                if in_a_row >= _MAX_REFUSED_ONE_BY_ONE:  # the sink itself is failing
+                    rest = len(items) - i - 1
+                    if rest:
+                        refused.update(range(i + 1, len(items)))
+                        health.append(_error("sink", f"{type(sink).__name__}: {rest} more events of this cycle "
+                                             "not tried after repeated failures", reason="publish-failed"))
+                    break
+        return refused
 
     def _send(self, sink: Sink, event_type: str, payload: dict[str, Any], health: list[HealthEvent]) -> bool:
         try:
