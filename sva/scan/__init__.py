@@ -11,7 +11,8 @@
 
 Modules: `rules` (loading, namespaces, externals, errors, metadata), `cost` (slow-rule
 check), `source` (cutting YARA text into rules), `sample` (memory to time rules on),
-`scanner` (chunked zero-copy scans, matches, problems), `incremental` (per-page hashes).
+`scanner` (chunked zero-copy scans, matches, problems; slow rules scanned apart with their own
+timeout), `incremental` (per-page hashes).
 """
 
 from sva.scan.cost import CostReport, RuleCost, SlowRulePolicy
@@ -20,6 +21,7 @@ from sva.scan.rules import (
     DEFAULT_EXTERNALS,
     CompiledRuleSet,
     CompileProblem,
+    QuarantinedRules,
     RuleInfo,
     RuleSource,
     discover,
@@ -44,6 +46,7 @@ __all__ = [
     "IncrementalScanner",
     "PhysicalScanner",
     "ProblemKind",
+    "QuarantinedRules",
     "RuleCost",
     "RuleInfo",
     "RuleSource",

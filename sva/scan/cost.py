@@ -29,6 +29,9 @@ class SlowRulePolicy:
 
     max_rule_ms_per_mib: float = 10.0  # a one-string rule costs ~1 ms/MiB; Big_Numbers ~35
     refuse_slow: bool = False  # False: load and report them; True: leave them out
+    # Loaded slow rules are scanned apart, each with its own timeout (ScanConfig
+    # .slow_rule_timeout_s), so one that times out on a block costs only its own result.
+    isolate_slow: bool = True
     sample_size: int = 2 * MiB  # bytes of synthetic memory when no sample is given
     repeats: int = 2  # a group over budget is timed this often; the fastest run counts
     max_timings: int = 400  # bound on timed scans per load; rules left over are reported
@@ -77,6 +80,7 @@ class CostReport:
     slow: tuple[RuleCost, ...]
     refused: tuple[str, ...] = ()  # namespace:rule left out of the compiled set
     refused_dependents: tuple[str, ...] = ()  # left out because they use a refused rule
+    quarantined: tuple[str, ...] = ()  # namespace:rule scanned apart with their own timeout
     unchecked: tuple[str, ...] = ()  # not timed: the timing budget ran out or they failed alone
     timings: int = 0  # scans of the sample this check ran
 
@@ -88,6 +92,7 @@ class CostReport:
             "slow": [{"rule": c.key, "ms_per_mib": c.ms_per_mib, "path": c.path, "line": c.line} for c in self.slow],
             "refused": list(self.refused),
             "refused_dependents": list(self.refused_dependents),
+            "quarantined": list(self.quarantined),
             "unchecked": list(self.unchecked),
             "timings": self.timings,
         }

@@ -23,7 +23,9 @@ all of RAM every cycle mostly re-reads unchanged bytes. Each cycle here:
    matches as they were; adds what the windows find (instances already known are not
    repeated);
 4. rescans blocks the last cycle could not scan (timeouts, errors): a gap never becomes
-   permanent because its pages did not change.
+   permanent because its pages did not change. When only a quarantined slow rule timed out
+   on a block (a problem with `rule` set, see sva.scan.scanner), only that rule's set is
+   run on the block again: the other rules' results from it are kept.
 
 The first cycle, a new rule set (another fingerprint), a changed memory map, and every
 `full_rescan_every`-th cycle are full scans. Pages are hashed before they are scanned, so a
@@ -164,6 +166,8 @@ class _State:
     matches: list[YaraMatch]
     overflow: dict[str, int]
     retry: list[tuple[int, int]] = field(default_factory=list)  # (gpa, end) not scanned last time
+    # (gpa, end) a quarantined slow rule's set could not scan last time, by its key
+    rule_retry: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 class IncrementalScanner:
@@ -230,6 +234,12 @@ class IncrementalScanner:
         acc = _Collector(self.scanner.config)
         acc.problems.extend(hash_problems)
         self.scanner._scan_gpa_ranges(acc, backend, [(s, e - s) for s, e in windows])
+        groups = {q.key: q for q in self.rules.quarantine}
+        for key, ranges in st.rule_retry.items():
+            # same fingerprint, so the same quarantined sets; a window already covered part
+            # of these ranges with every rule, and instances found twice are merged below
+            if key in groups:
+                self.scanner._scan_gpa_ranges(acc, backend, [(s, e - s) for s, e in ranges], only=(groups[key],))
         affected_ids = {id(m) for m in affected}
         keep = [m for m in st.matches if id(m) not in affected_ids]
         known = {(m.key, h.identifier, h.address) for m in keep for h in m.hits}
@@ -253,7 +263,8 @@ class IncrementalScanner:
             hashes=hashes,
             matches=merged.matches,
             overflow=dict(overflow),
-            retry=_retry_ranges(acc.problems),
+            retry=_retry_ranges(acc.problems, self.rules),
+            rule_retry=_rule_retry_ranges(acc.problems, self.rules),
         )
         return ScanReport(
             matches=list(merged.matches),
@@ -321,7 +332,8 @@ class IncrementalScanner:
             hashes=hashes,
             matches=list(report.matches),
             overflow=dict(report.overflow),
-            retry=_retry_ranges(report.problems),
+            retry=_retry_ranges(report.problems, self.rules),
+            rule_retry=_rule_retry_ranges(report.problems, self.rules),
         )
         report.seconds = time.perf_counter() - t0
         report.full = True
@@ -434,5 +446,17 @@ def _touches_pages(m: YaraMatch, pages: list[int]) -> bool:
     return False
 
 
-def _retry_ranges(problems: list[ScanProblem]) -> list[tuple[int, int]]:
-    return [(p.start, p.end) for p in problems if p.kind in _RETRY]
+def _retry_ranges(problems: list[ScanProblem], rules: CompiledRuleSet) -> list[tuple[int, int]]:
+    """Blocks to rescan with every rule: those no rule could scan."""
+    quarantined = {q.key for q in rules.quarantine}
+    return [(p.start, p.end) for p in problems if p.kind in _RETRY and p.rule not in quarantined]
+
+
+def _rule_retry_ranges(problems: list[ScanProblem], rules: CompiledRuleSet) -> dict[str, list[tuple[int, int]]]:
+    """Blocks to rescan with one quarantined slow rule's set only, by its key."""
+    quarantined = {q.key for q in rules.quarantine}
+    out: dict[str, list[tuple[int, int]]] = {}
+    for p in problems:
+        if p.kind in _RETRY and p.rule in quarantined:
+            out.setdefault(p.rule, []).append((p.start, p.end))  # type: ignore[arg-type]
+    return out

@@ -17,7 +17,13 @@ Loading:
 - flags rules whose conditions only make sense for a file (filesize, offset-0 anchors,
   pe/elf modules): they stay loaded, but on raw memory chunks they rarely mean anything;
 - with a SlowRulePolicy, times the rules on sample memory (sva.scan.cost) and reports, or
-  leaves out, the ones over budget.
+  leaves out, the ones over budget;
+- compiles each slow rule it keeps apart (`quarantine`): with the rules that use it (their
+  results depend on it) and the private rules it needs, in its own namespace-named
+  yara.Rules. libyara's timeout is per match() call, so only this gives a slow rule a
+  timeout of its own: PhysicalScanner runs `fast_rules` and then each quarantined set, and
+  a timeout in one loses that set's results for the block, not every rule's. `rules` stays
+  the whole set in one object, for callers that match a buffer once (canary checks).
 """
 
 from __future__ import annotations
@@ -165,6 +171,29 @@ def techniques(meta: Mapping[str, object], tags: Iterable[str] = ()) -> tuple[st
     return tuple(found)
 
 
+@dataclass(frozen=True, eq=False)
+class QuarantinedRules:
+    """Slow rules compiled apart, scanned with their own timeout.
+
+    `compiled` holds `reports` plus every rule they need; only matches of `reports` count
+    (a public rule they need is also in the main set and reports from there).
+    """
+
+    namespace: str
+    slow: tuple[str, ...]  # the slow rules of this group, in file order
+    reports: frozenset[str]  # rule names whose matches this set owns: `slow` and their users
+    compiled: yara.Rules = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        """namespace:rule of the (first) slow rule: what a timeout of this set is blamed on."""
+        return f"{self.namespace}:{self.slow[0]}"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f"{self.namespace}:{r}" for r in sorted(self.reports))
+
+
 @dataclass
 class _Namespace:
     source: RuleSource
@@ -188,8 +217,13 @@ class CompiledRuleSet:
         fingerprint: str,
         longest_literal: int,
         cost: CostReport | None = None,
+        fast_rules: yara.Rules | None = None,
+        quarantine: tuple[QuarantinedRules, ...] = (),
     ) -> None:
-        self.rules = rules
+        self.rules = rules  # every loaded rule in one object
+        # what the scanner runs per block: the rules not quarantined, then each quarantined set
+        self.fast_rules = rules if fast_rules is None else fast_rules
+        self.quarantine = quarantine
         self.sets = sets
         self.infos = MappingProxyType(dict(infos))
         self.errors = errors
@@ -261,6 +295,8 @@ class CompiledRuleSet:
             infos.update(_rule_infos(ns, warnings))
 
         report = None
+        quarantine: tuple[QuarantinedRules, ...] = ()
+        fast_text: dict[str, str] = {}  # namespace -> its source without the quarantined rules
         if slow_policy is not None:
             data = sample if sample is not None else synthetic_memory(slow_policy.sample_size)
             todo = [(ns.source.namespace, ns.rules, ns.graph) for ns in spaces if ns.rules is not None]
@@ -269,6 +305,9 @@ class CompiledRuleSet:
                 report = _refuse(spaces, report, warnings)
                 for key in report.refused + report.refused_dependents:
                     infos.pop(key, None)
+            elif slow_policy.isolate_slow and report.slow:
+                quarantine, fast_text = _quarantine(spaces, report, ext, warnings)
+                report = replace(report, quarantined=tuple(k for q in quarantine for k in q.keys))
 
         sources = {
             ns.source.namespace: ns.text if ns.text is not None else _include_text(ns.good)
@@ -280,6 +319,16 @@ class CompiledRuleSet:
         except yara.Error as e:  # the files changed on disk since the namespace compiled
             path, line, msg = _locate(str(e))
             raise SignatureError(path or "rule sets", line, msg) from None
+        fast = combined
+        if quarantine:
+            fast_sources = {name: fast_text.get(name, text) for name, text in sources.items()}
+            try:
+                fast = yara.compile(sources=fast_sources, externals=ext)
+            except yara.Error as e:  # the rule splitter cut a set wrongly: keep it whole
+                warnings.append(CompileProblem("*", "rule sets", None,
+                                               f"slow rules not scanned apart (could not rebuild the rest: {e})"))
+                quarantine = ()
+                report = replace(report, quarantined=()) if report else None
         longest = max(
             [YARA_RE_SCAN_LIMIT] + [u.longest_literal() for ns in spaces for u in ns.graph.units]
         )
@@ -291,9 +340,11 @@ class CompiledRuleSet:
             errors=tuple(errors),
             warnings=tuple(warnings),
             externals=ext,
-            fingerprint=_fingerprint(spaces, ext, refused),
+            fingerprint=_fingerprint(spaces, ext, refused, quarantine),
             longest_literal=longest,
             cost=report,
+            fast_rules=fast,
+            quarantine=quarantine,
         )
 
     # -- looking things up ------------------------------------------------------------------
@@ -478,7 +529,57 @@ def _refuse(spaces: list[_Namespace], report: CostReport, warnings: list[Compile
     return replace(report, refused=tuple(refused), refused_dependents=tuple(dependents))
 
 
-def _fingerprint(spaces: list[_Namespace], externals: Mapping[str, object], refused: tuple[str, ...]) -> str:
+def _quarantine(
+    spaces: list[_Namespace], report: CostReport, externals: Mapping[str, object], warnings: list[CompileProblem]
+) -> tuple[tuple[QuarantinedRules, ...], dict[str, str]]:
+    """Each slow rule (with the rules that use it) compiled apart; each namespace's source
+    without them. A group that holds a global rule stays in the main set: a global rule
+    constrains every rule of its namespace, so it cannot be evaluated apart."""
+    out: list[QuarantinedRules] = []
+    texts: dict[str, str] = {}
+    for ns in spaces:
+        name = ns.source.namespace
+        slow = [c.rule for c in report.slow if c.namespace == name and c.rule in ns.graph.by_name]
+        if not slow or ns.rules is None:
+            continue
+        # one group per slow rule, merged when their users overlap (B uses slow A and is slow)
+        groups: list[tuple[list[str], set[str]]] = []
+        for rule in slow:
+            names, owned = [rule], {rule} | ns.graph.dependents({rule})
+            for g in [g for g in groups if g[1] & owned]:
+                groups.remove(g)
+                names, owned = g[0] + names, owned | g[1]
+            groups.append((names, owned))
+        taken: set[str] = set()
+        for slow_names, owned in groups:
+            if any(ns.graph.by_name[r].is_global for r in owned):
+                warnings.append(CompileProblem(name, name, None,
+                                               f"slow rule {slow_names[0]} is global (or used by one): not scanned apart"))
+                continue
+            text = ns.graph.render(ns.graph.closure(owned))
+            try:
+                compiled = yara.compile(sources={name: text}, externals=dict(externals))
+            except yara.Error as e:
+                warnings.append(CompileProblem(name, name, None,
+                                               f"slow rule {slow_names[0]} not scanned apart: {e}"))
+                continue
+            order = ns.graph.order
+            out.append(QuarantinedRules(name, tuple(sorted(slow_names, key=order.__getitem__)),
+                                        frozenset(owned), compiled))
+            taken |= owned
+        if taken:
+            # nothing left uses a quarantined rule (its users went with it), so this compiles
+            keep = [u for u in ns.graph.units if u.name not in taken]
+            texts[name] = ns.graph.render(keep) if keep else ""
+    return tuple(out), texts
+
+
+def _fingerprint(
+    spaces: list[_Namespace],
+    externals: Mapping[str, object],
+    refused: tuple[str, ...],
+    quarantine: tuple[QuarantinedRules, ...] = (),
+) -> str:
     h = hashlib.sha256()
     for ns in spaces:
         h.update(f"ns\0{ns.source.namespace}\0".encode())
@@ -494,4 +595,6 @@ def _fingerprint(spaces: list[_Namespace], externals: Mapping[str, object], refu
         h.update(f"ext\0{k}\0{externals[k]!r}\0".encode())
     for r in refused:
         h.update(f"refused\0{r}\0".encode())
+    for q in quarantine:  # the same rules scanned another way report other timeouts
+        h.update(f"quarantine\0{','.join(q.keys)}\0".encode())
     return h.hexdigest()
