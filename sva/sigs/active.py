@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sva.errors import ConfigError, SvaError
+from sva.scan.cost import SlowRulePolicy
 from sva.scan.rules import CompiledRuleSet
 from sva.sigs.manifest import Manifest
 from sva.sigs.model import BundleLimits
@@ -141,7 +142,9 @@ def rules_for_scan(spec: str | None, config_path: str | None = None) -> Callable
         return ActiveRules(SignatureStore(load_config(config_path).state_dir))
     path = Path(spec)
     if path.is_dir():
-        rules = CompiledRuleSet.load(path)
+        # An unvetted directory (no bundle pipeline refused its slow rules): time them and
+        # scan the slow ones apart, each with its own timeout (sva.scan.cost).
+        rules = CompiledRuleSet.load(path, slow_policy=SlowRulePolicy())
         return lambda: rules
     if path.is_file():
         rules = _bundle_file_rules(path, config_path)
