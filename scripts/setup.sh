@@ -13,6 +13,8 @@ APT_PACKAGES=(
   iproute2 ca-certificates
   tcpdump tcpreplay iputils-ping  # sva/net: BPF compile, capture tests and bench_net.py
   nmap dsniff dnsutils openssl   # sva/net detection tests: port scans, arpspoof, dig, TLS ClientHello
+  socat mmdebstrap e2fsprogs     # the appliance image: build (appliance/build-image.sh), QMP guestfwd in its test
+  nftables systemd               # appliance firewall (nft -c, netns tests) and unit checks (systemd-analyze)
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -7,6 +7,7 @@ Targets are strings:
   raw:/path, elf:/path, lime:/path   a snapshot of that format
   libvmi:DOMAIN            a Xen domain through LibVMI (needs the libvmi extra)
   libvmi+file:/path        a raw image through LibVMI's File driver
+  ivshmem:BDF|PATH?qmp=Q   inside the appliance VM: RAM from an ivshmem BAR, QMP via the proxy
 A bare path is taken as qemu: when it is a unix socket and as file: otherwise.
 """
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 SNAPSHOT_SCHEMES = {"file": "auto", "raw": "raw", "elf": "elf", "lime": "lime"}
 LIBVMI_SCHEMES = ("libvmi", "libvmi+file")
-SCHEMES = ("qemu", "lab", *SNAPSHOT_SCHEMES, *LIBVMI_SCHEMES)
+SCHEMES = ("qemu", "lab", "ivshmem", *SNAPSHOT_SCHEMES, *LIBVMI_SCHEMES)
 
 __all__ = [
     "Backend",
@@ -70,6 +71,10 @@ def open_target(spec: str, timeout: float = 5.0) -> MappedBackend | LibvmiBacken
         from sva.vmi.qemu import QemuBackend
 
         return QemuBackend(lab.get(rest).qmp_path, target=spec, timeout=timeout)
+    if scheme == "ivshmem":
+        from sva.vmi.ivshmem import open_ivshmem_target
+
+        return open_ivshmem_target(rest, target=spec, timeout=timeout)
     if scheme in LIBVMI_SCHEMES:
         from sva.vmi.libvmi_backend import open_libvmi_target
 

@@ -133,12 +133,23 @@ class QemuBackend(MappedBackend):
 
     capabilities = Capabilities(live=True, pause=True, registers=True)
 
-    def __init__(self, qmp_path: str, target: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        qmp_path: str,
+        target: str | None = None,
+        timeout: float = 5.0,
+        *,
+        qmp: QmpClient | None = None,
+        ram_path: str | None = None,
+    ) -> None:
+        """`qmp` (an open client) and `ram_path` let another view of the same RAM be used,
+        e.g. an appliance VM that sees the guest's RAM file as an ivshmem BAR and reaches
+        QMP through a proxy: the layout still comes from QMP, the bytes from `ram_path`."""
         target = target or f"qemu:{qmp_path}"
-        self.qmp = QmpClient(qmp_path, timeout=timeout)
+        self.qmp = qmp if qmp is not None else QmpClient(qmp_path, timeout=timeout)
         try:
             self.ram_backends = self._ram_backends(target)
-            memory_map, path = self._memory_layout(target)
+            memory_map, path = self._memory_layout(target, ram_path)
             self._vcpus = len(self.qmp.execute("query-cpus-fast"))
             super().__init__(target, path, memory_map)
         except BaseException:
@@ -163,7 +174,7 @@ class QemuBackend(MappedBackend):
             found.append(RamBackendInfo(oid, qtype, mem_path, share, size))
         return found
 
-    def _memory_layout(self, target: str) -> tuple[MemoryMap, str]:
+    def _memory_layout(self, target: str, ram_path: str | None = None) -> tuple[MemoryMap, str]:
         if not self.ram_backends:
             raise TargetError(target, f"the VM's RAM is not in a memory backend object; {SHARE_HINT}")
         names = {b.id for b in self.ram_backends}
@@ -183,6 +194,10 @@ class QemuBackend(MappedBackend):
                 target,
                 f"RAM backend {info.id!r} has share=off, so its file is not the live guest memory; {SHARE_HINT}",
             )
+        regions = [MemoryRegion(gpa=g, size=s, offset=o, name=n) for n, g, s, o in pieces]
+        if ram_path is not None:
+            # The host's mem-path is not visible from here; the caller's view of it is.
+            return MemoryMap(regions), ram_path
         try:
             st = os.stat(info.mem_path)
         except OSError as e:
@@ -193,7 +208,6 @@ class QemuBackend(MappedBackend):
                 f"RAM backend {info.id!r} has mem-path={info.mem_path}, a directory, so QEMU's file is anonymous; "
                 "give mem-path a file name",
             )
-        regions = [MemoryRegion(gpa=g, size=s, offset=o, name=n) for n, g, s, o in pieces]
         return MemoryMap(regions), info.mem_path
 
     # -- vCPU -------------------------------------------------------------------------
