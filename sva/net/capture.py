@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sva.errors import CaptureError
 from sva.net.pcapio import PcapReader, is_capture_file
@@ -264,6 +264,59 @@ _VLAN = struct.Struct("=IH")  # hv1.tp_vlan_tci, hv1.tp_vlan_tpid (at +32, after
 _U32 = struct.Struct("=I")
 _AUX = struct.Struct("=IIIHHHH")  # tpacket_auxdata
 _STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cnt
+_TAG = struct.Struct("!HH")  # a VLAN tag put back into a frame: TPID, TCI
+
+
+def _walk_block_py(
+    buf: Any, base: int, limit: int, first: int, max_frames: int, snap: int, label: str, out: list[RawFrame]
+) -> tuple[int, int, int]:
+    """Append the frames of the TPACKET_V3 block at `base` (ending at `limit`) to `out`:
+    (ts, frame, wirelen, label) each, following tp_next_offset from `first`, at most
+    `max_frames`. Returns (bytes on the wire, frames cut short, ring errors).
+
+    The reference for the C walk in sva/net/_fastpath.c (used when it is built). The ring
+    is shared with the kernel: every offset is checked against the block's end before use.
+    """
+    unpack_pkt = _PKT_HDR.unpack_from
+    unpack_vlan = _VLAN.unpack_from
+    append = out.append
+    n_bytes = truncated = errors = 0
+    off = first
+    for _ in range(max_frames):
+        p = base + off
+        if p + 40 > limit:  # through hv1.tp_vlan_tpid
+            errors += 1
+            break
+        nxt, sec, nsec, caplen, wirelen, pstatus, mac = unpack_pkt(buf, p)
+        start = p + mac
+        end = start + (caplen if caplen <= snap else snap)
+        if end > limit:
+            errors += 1
+            break
+        frame = buf[start:end]
+        if pstatus & TP_STATUS_VLAN_VALID:
+            # The kernel took the outermost tag off into the header; put it back so the
+            # frame is what was on the wire and the parser sees the VLAN.
+            tci, tpid = unpack_vlan(buf, p + 32)
+            tp = tpid if pstatus & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
+            frame = frame[:12] + _TAG.pack(tp, tci & 0xFFFF) + frame[12:]
+            wirelen += 4
+            caplen += 4
+        if caplen < wirelen or caplen > snap:
+            truncated += 1
+        n_bytes += wirelen
+        append((sec + nsec * 1e-9, frame, wirelen, label))
+        if not nxt:
+            break
+        off += nxt
+    return n_bytes, truncated, errors
+
+
+try:  # the optional C walk (built by `pip install -e .` where gcc and python3-dev are)
+    from sva.net._fastpath import walk_block as _walk_block_c
+except ImportError:  # pragma: no cover - depends on the build
+    _walk_block_c = None
+_walk_block = _walk_block_c if _walk_block_c is not None else _walk_block_py
 
 
 class _Ring:
@@ -403,11 +456,9 @@ class InterfaceSource:
         mm = r.mm
         assert mm is not None
         unpack_block = _BLOCK_HDR.unpack_from
-        unpack_pkt = _PKT_HDR.unpack_from
-        unpack_vlan = _VLAN.unpack_from
+        walk = _walk_block
         label = r.label
         snap = self.snaplen
-        append = out.append
         n_bytes = 0
         truncated = 0
         while len(out) < MAX_BATCH:
@@ -415,35 +466,10 @@ class InterfaceSource:
             status, num, first = unpack_block(mm, base + 8)
             if not status & TP_STATUS_USER:
                 break
-            off = first
-            limit = base + BLOCK_SIZE
-            for _ in range(min(num, BLOCK_SIZE // 32)):
-                p = base + off
-                if p + 40 > limit:  # through hv1.tp_vlan_tpid
-                    self._ring_errors += 1
-                    break
-                nxt, sec, nsec, caplen, wirelen, pstatus, mac = unpack_pkt(mm, p)
-                start = p + mac
-                end = start + (caplen if caplen <= snap else snap)
-                if end > limit:
-                    self._ring_errors += 1
-                    break
-                frame = mm[start:end]
-                if pstatus & TP_STATUS_VLAN_VALID:
-                    # The kernel took the outermost tag off into the header; put it back so the
-                    # frame is what was on the wire and the parser sees the VLAN.
-                    tci, tpid = unpack_vlan(mm, p + 32)
-                    tp = tpid if pstatus & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
-                    frame = frame[:12] + struct.pack("!HH", tp, tci) + frame[12:]
-                    wirelen += 4
-                    caplen += 4
-                if caplen < wirelen or caplen > snap:
-                    truncated += 1
-                n_bytes += wirelen
-                append((sec + nsec * 1e-9, frame, wirelen, label))
-                if not nxt:
-                    break
-                off += nxt
+            nb, tr, errors = walk(mm, base, base + BLOCK_SIZE, first, min(num, BLOCK_SIZE // 32), snap, label, out)
+            n_bytes += nb
+            truncated += tr
+            self._ring_errors += errors
             _U32.pack_into(mm, base + 8, TP_STATUS_KERNEL)  # hand the block back
             r.index = (r.index + 1) % r.block_nr
         self._bytes += n_bytes

@@ -1,13 +1,18 @@
-"""The deep path: scapy decodes the few frames the fast path dispatches, into observations.
+"""The deep path: decodes the few frames the fast path dispatches, into observations.
 
-Scapy dissects ARP, DNS and DHCP (a DNS message costs it ~0.3 ms, so decoded messages are
-kept by their bytes: resolvers repeat themselves). The server name of a TLS ClientHello
-(scapy: ~0.4 ms each, none alike) and an HTTP request's Host are read by small bounded
-parsers here. Every other packet only sees the fast path (sva.net.fastpath). A `DeepDecoder` is the `deep` callable
-of `FastPath`: it takes the fast path's `Headers`, decodes what it is, and hands
-`sva.net.model` observations to `emit`.
+DNS and ARP are read by the small bounded parsers of `sva.net.wire` (scapy needs ~0.3 ms
+for a DNS message, they need a few microseconds, and DNS and ARP are most of what comes
+here); a DNS message they do not plainly understand (a rare record type, truncation, odd
+compression) goes to scapy, so results stay what scapy would say. DHCP, a handful of
+frames per lease, is left to scapy, which earns its cost there with its option semantics.
+Decoded DNS messages and ARP bodies are kept by their bytes: resolvers repeat themselves.
+The server name of a TLS ClientHello (scapy: ~0.4 ms each, none alike) and an HTTP
+request's Host are read by small bounded parsers here. Every other packet only sees the
+fast path (sva.net.fastpath). A `DeepDecoder` is the `deep` callable of `FastPath`: it
+takes the fast path's `Headers`, decodes what it is, and hands `sva.net.model`
+observations to `emit`.
 
-Every frame is hostile: decoding is wrapped, anything scapy cannot make sense of is
+Every frame is hostile: decoding is wrapped, anything that cannot be made sense of is
 counted in `errors` (with a reason) and dropped, and every list taken from a packet
 (questions, answers, names) is bounded.
 """
@@ -28,17 +33,17 @@ from sva.net.model import (
     mac_text,
     memo,
 )
+from sva.net.wire import MAX_DNS_RECORDS, name_text, parse_arp, parse_dns
 
 log = logging.getLogger("sva.net.deep")
 
-MAX_DNS_RECORDS = 32  # questions or answers taken from one message
 MAX_NAME = 253  # a DNS name's longest text form
 MAX_HTTP_HEAD = 4096
 MAX_TLS_EXTENSIONS = 64  # extensions walked in one ClientHello
 MAX_SERVER_NAMES = 8
-# Decoded DNS messages and ARP bodies, by their bytes (DNS: without the transaction id).
-# Scapy needs ~0.5 ms for a DNS message, and resolvers ask the same questions over and over.
-MAX_DECODE_CACHE = 4096  # bytes of an HTTP request searched for the Host header
+# Decoded DNS messages and ARP bodies are kept by their bytes (DNS: without the
+# transaction id): resolvers ask the same questions over and over.
+MAX_DECODE_CACHE = 4096  # entries per cache (emptied when full)
 HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 DNS_PORTS = frozenset({53, 5353})
 DHCP_PORTS = frozenset({67, 68})
@@ -48,12 +53,10 @@ Observation = ArpObservation | DnsObservation | NameObservation | DhcpLease
 
 
 def _name(raw: Any) -> str:
-    """A DNS/TLS name as lower-case text without the trailing dot, bounded."""
+    """A DNS/TLS name (bytes, or what scapy gives) as lower-case text without the trailing dot, bounded."""
     if isinstance(raw, bytes):
-        text = raw[: MAX_NAME + 1].decode("ascii", "replace")
-    else:
-        text = str(raw)[: MAX_NAME + 1]
-    return text.rstrip(".").lower()
+        return name_text(raw)
+    return str(raw)[: MAX_NAME + 1].rstrip(".").lower()
 
 
 def _records(field: Any) -> list[Any]:
@@ -132,13 +135,17 @@ class DeepDecoder:
         self.error_reasons: Counter[str] = Counter()
         self._dns_cache: dict[bytes, tuple[bool, tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
         self._arp_cache: dict[bytes, tuple[int, str, str, str, str]] = {}
-        # scapy's layers are imported here, once: importing them costs about a second.
-        from scapy.layers.dhcp import BOOTP, DHCP
-        from scapy.layers.dns import DNS
-        from scapy.layers.l2 import ARP, Ether
+        self.scapy_decodes = 0  # DNS messages the own parser left to scapy, and DHCP
+        self._scapy: tuple[Any, Any, Any] | None = None
 
-        self._Ether = Ether
-        self._ARP, self._DNS, self._BOOTP, self._DHCP = ARP, DNS, BOOTP, DHCP
+    def _scapy_layers(self) -> tuple[Any, Any, Any]:
+        """scapy's DNS, BOOTP and DHCP layers, imported on first need (about a second)."""
+        if self._scapy is None:
+            from scapy.layers.dhcp import BOOTP, DHCP
+            from scapy.layers.dns import DNS
+
+            self._scapy = (DNS, BOOTP, DHCP)
+        return self._scapy
 
     def __call__(self, h: Any) -> None:
         try:
@@ -164,20 +171,12 @@ class DeepDecoder:
         key = h.frame[12:64]  # VLAN tags, ethertype, the ARP body (Ethernet padding at most)
         frame = h.frame
         op, sender_mac, sender_ip, target_mac, target_ip = memo(
-            self._arp_cache, key, lambda _: self._decode_arp(frame), MAX_DECODE_CACHE
+            self._arp_cache, key, lambda _: parse_arp(frame), MAX_DECODE_CACHE
         )
         self.emit(ArpObservation(
             ts=h.ts, port=h.port, eth_src=mac_text(h.src_mac), eth_dst=mac_text(h.dst_mac), op=op,
             sender_mac=sender_mac, sender_ip=sender_ip, target_mac=target_mac, target_ip=target_ip,
         ))  # fmt: skip
-
-    def _decode_arp(self, frame: bytes) -> tuple[int, str, str, str, str]:
-        arp = self._Ether(frame).getlayer(self._ARP)  # scapy walks any VLAN tags
-        if arp is None:
-            raise ValueError("no ARP layer")
-        if arp.hwlen != 6 or arp.plen != 4 or arp.ptype != 0x0800:
-            raise ValueError("ARP is not Ethernet/IPv4")
-        return int(arp.op), str(arp.hwsrc).lower(), str(arp.psrc), str(arp.hwdst).lower(), str(arp.pdst)
 
     def _dns(self, h: Any, data: bytes) -> None:
         if len(data) < 12:
@@ -191,7 +190,15 @@ class DeepDecoder:
         ))  # fmt: skip
 
     def _decode_dns(self, data: bytes) -> tuple[bool, tuple[str, ...], tuple[tuple[str, str], ...]]:
-        dns = self._DNS(data)
+        own = parse_dns(data)
+        if own is not None:
+            return own
+        return self.scapy_dns(data)
+
+    def scapy_dns(self, data: bytes) -> tuple[bool, tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """The same summary by scapy's DNS layer (the fallback, and the tests' reference)."""
+        self.scapy_decodes += 1
+        dns = self._scapy_layers()[0](data)
         qnames = tuple(_name(q.qname) for q in _records(dns.qd) if hasattr(q, "qname"))
         answers: list[tuple[str, str]] = []
         if dns.qr:
@@ -204,11 +211,13 @@ class DeepDecoder:
         return bool(dns.qr), qnames, tuple(answers)
 
     def _dhcp(self, h: Any) -> None:
-        bootp = self._BOOTP(_payload(h))
-        if not bootp.haslayer(self._DHCP):
+        _dns, BOOTP, DHCP = self._scapy_layers()  # noqa: N806 - scapy's class names
+        self.scapy_decodes += 1
+        bootp = BOOTP(_payload(h))
+        if not bootp.haslayer(DHCP):
             return
         options = {}
-        for opt in bootp[self._DHCP].options[:64]:
+        for opt in bootp[DHCP].options[:64]:
             if isinstance(opt, tuple) and len(opt) >= 2:
                 options[opt[0]] = opt[1]
         if options.get("message-type") != 5:  # only ACKs bind an address

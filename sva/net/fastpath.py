@@ -2,8 +2,9 @@
 kinds of frame that need full decoding (ARP, DNS, DHCP, TLS handshakes, HTTP requests,
 ICMP) are handed to the deep path.
 
-Deep decoding with scapy costs about 60x the header parse, so which frames reach it is the
-main lever on throughput; the tests here are ordered by how common the frames are.
+Deep decoding costs several times the header parse (scapy, where it is still used, about
+60x), so which frames reach it is a lever on throughput; the tests here are ordered by how
+common the frames are.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ from collections.abc import Callable
 
 from sva.net.capture import CaptureStats, RawFrame
 from sva.net.flows import FlowTable
-from sva.net.parse import ETH_P_ARP, Headers, parse_frame
+from sva.net.parse import ETH_P_ARP, Headers, fast_parse_frame, parse_frame
+
+try:  # the optional C accelerator (built by `pip install -e .` where gcc and python3-dev are)
+    from sva.net._fastpath import process_batch as _process_batch_c
+except ImportError:  # pragma: no cover - depends on the build
+    _process_batch_c = None
 
 # First four payload bytes of an HTTP/1.x request (the method and, where short, its space).
+# sva/net/_fastpath.c repeats these and the ports below: tests/net/test_accel.py compares.
 HTTP_METHOD_PREFIXES = frozenset((b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC"))
 DNS_PORT = 53
 DHCP_PORTS = frozenset((67, 68))
@@ -61,16 +68,37 @@ class FastPath:
         self.deep_errors = 0
         self.last_deep_error = ""  # "ExceptionType: message" of the latest failure in `deep`
         self.last_ts = 0.0
+        # The C loop when sva.net._fastpath is built; False: the Python loop (the reference).
+        self.accelerated = True
 
     def process(self, batch: list[RawFrame]) -> None:
         table = self.table
         if type(table) is not FlowTable:
             self._process_generic(batch)
-            return
+        elif self.accelerated and _process_batch_c is not None:
+            self._process_c(batch)
+        else:
+            self._process_py(batch)
+
+    def _process_c(self, batch: list[RawFrame]) -> None:
+        """_process_py in C (sva/net/_fastpath.c): same table, counters and deep frames."""
+        assert _process_batch_c is not None
+        table = self.table
+        to_deep: list[Headers] = []
+        deep = self.deep
+        n_bytes, malformed, non_ip, fragments, vlan_tagged, ts = _process_batch_c(
+            batch, table._flows, table._new_flow, table.head_bytes, deep is not None, to_deep, self.malformed_reasons
+        )
+        self._account(len(batch), n_bytes, malformed, non_ip, fragments, vlan_tagged, self.last_ts if ts is None else ts)
+        if deep is not None and to_deep:
+            self._dispatch(deep, to_deep)
+
+    def _process_py(self, batch: list[RawFrame]) -> None:
+        table = self.table
         # The hot loop: one parse, then the flow-table update written out here (a method call
         # and a dozen NamedTuple attribute reads per frame cost more than the update itself).
         # It must do exactly what FlowTable.update does; test_flows checks both give equal tables.
-        parse = parse_frame
+        parse = fast_parse_frame  # C for common frames when built (sva.net.parse)
         flows = table._flows
         get = flows.get
         move = flows.move_to_end

@@ -4,12 +4,12 @@
     summary = monitor.run(stop_event, on_report=print_new_alerts)
 
 Every packet goes through the fast path (header parse, flow table); the few it dispatches
-go through scapy (`DeepDecoder`) into bounded per-kind queues (`Observations`). Every
-`interval` seconds (of capture time for a pcap, of wall time for a live source) the
-monitor builds a `NetWindow` of the recent `horizon` and runs one cycle of sva's detection
-`Engine` with the network detectors and facts: the same dedup, suppressions, rules and
-sinks as the memory scan. A finding stays present while its evidence is in the horizon,
-and is resolved after.
+go through the deep path (`DeepDecoder`: own bounded parsers; scapy for DHCP and odd DNS)
+into bounded per-kind queues (`Observations`). Every `interval` seconds (of capture time
+for a pcap, of wall time for a live source) the monitor builds a `NetWindow` of the recent
+`horizon` and runs one cycle of sva's detection `Engine` with the network detectors and
+facts: the same dedup, suppressions, rules and sinks as the memory scan. A finding stays
+present while its evidence is in the horizon, and is resolved after.
 
 The network detectors are not in the memory scan's default list (detectors.DEFAULT_DETECTORS):
 they need these facts, which a memory cycle does not have. `NETWORK_DETECTORS` is theirs.

@@ -251,3 +251,19 @@ def _ip(
 ) -> Headers:
     """A frame whose IP addresses were read but whose transport header was not."""
     return _new(Headers, (ts, port, wirelen, frame[6:12], frame[0:6], vlan, et, ipv, src, dst, proto, 0, 0, 0, -1, fragment, reason, frame, -1))
+
+
+def _accelerated() -> Callable[[bytes, float, int, str], Headers]:
+    """`parse_frame` with its common case (the shortcut above) in C, from the optional
+    sva.net._fastpath (built by `pip install -e .` where gcc and python3-dev are); the
+    Python function when it is not built. Same results: tests/net/test_accel.py."""
+    try:
+        from sva.net import _fastpath
+    except ImportError:  # pragma: no cover - depends on the build
+        return parse_frame
+    _fastpath.setup(Headers, parse_frame)
+    return _fastpath.parse_frame  # type: ignore[no-any-return]
+
+
+# What the fast path calls: four positional arguments (frame, ts, wirelen, port).
+fast_parse_frame = _accelerated()
