@@ -269,12 +269,13 @@ class NetMonitor:
         self._flow_cache: dict[Any, tuple[int, int, FlowRecord]] = {}
         self.window = NetWindow(0.0, 0.0)
         self._payload_matches: tuple[PayloadMatch, ...] | None = None
+        self._inventory = self.learner.inventory  # the one the cycle in progress sees
         rules = rules if rules is not None else load_network_rules()
         detectors = list(detectors) if detectors is not None else default_network_detectors()
         facts = FactRegistry([
             FunctionProvider("net_window", lambda ctx: self.window, consistent=False,
                              description="sva.net.model.NetWindow: the recent horizon's observations"),
-            FunctionProvider("net_inventory", lambda ctx: self.learner.inventory, consistent=False,
+            FunctionProvider("net_inventory", lambda ctx: self._inventory, consistent=False,
                              description="sva.net.inventory.Inventory: VMs, gateways, learned bindings"),
             FunctionProvider("net_iocs", lambda ctx: self.iocs, consistent=False,
                              description="sva.net.ioc.IocSet: the indicator lists in force"),
@@ -289,6 +290,7 @@ class NetMonitor:
         self.started = time.monotonic()
         self._next_cycle: float | None = None
         self.windows_truncated = 0
+        self.cycles_skipped = 0  # live windows replaced by a newer one while detection was busy
 
     # -- facts ------------------------------------------------------------------------------
     def _payload_fact(self, ctx: FactContext) -> tuple[PayloadMatch, ...]:
@@ -333,14 +335,18 @@ class NetMonitor:
             fresh[fl.key] = (fl.packets, len(fl.head), rec)
             flows.append(rec)
         self._flow_cache = fresh
-        self._payload_matches = None
         return NetWindow(
             start=since, end=end, flows=tuple(flows), arp=tuple(obs.arp), dns=tuple(obs.dns), tls=tuple(obs.tls),
             http=tuple(obs.http), dhcp=tuple(obs.dhcp), counters=self.counters(), dropped_records=obs.dropped,
         )  # fmt: skip
 
     def cycle(self) -> CycleReport:
-        self.window = self.build_window(self.now())
+        """Build a window and run the detectors on it, in this thread."""
+        return self.detect(self.build_window(self.now()), self.learner.inventory)
+
+    def detect(self, window: NetWindow, inventory: Inventory) -> CycleReport:
+        """Run the detectors on a window built earlier (immutable, like the inventory)."""
+        self.window, self._inventory, self._payload_matches = window, inventory, None
         return self.engine.run_cycle()
 
     def feed(self, batch: list[Any], on_cycle: Callable[[], None]) -> None:
@@ -394,14 +400,28 @@ class NetMonitor:
         deadline = time.monotonic() + duration if duration is not None else None
         cycles = alerts = 0
         stopped_by = "end of source"
+        count_lock = threading.Lock()
 
-        def one_cycle() -> None:
+        def report_cycle(report: CycleReport) -> None:
             nonlocal cycles, alerts
-            report = self.cycle()
-            cycles += 1
-            alerts += len(report.new) + len(report.changed)
+            with count_lock:
+                cycles += 1
+                alerts += len(report.new) + len(report.changed)
             if on_report is not None:
                 on_report(report)
+
+        # Live: the reader thread only builds windows (a snapshot of flows and records);
+        # the detectors run in their own thread, so a slow cycle never stops the reading
+        # and the capture ring never overflows because of it. A window that waits while
+        # the previous one is still being checked is replaced by the next (it covers the
+        # same horizon and more); that is counted in `cycles_skipped`.
+        checker = _WindowChecker(self, report_cycle) if self.live else None
+
+        def one_cycle() -> None:
+            if checker is not None:
+                checker.submit(self.build_window(self.now()), self.learner.inventory)
+            else:
+                report_cycle(self.cycle())
 
         try:
             for batch in self.source.batches(stop, timeout=min(0.2, self.limits.interval)):
@@ -417,11 +437,57 @@ class NetMonitor:
             else:
                 if stop.is_set():
                     stopped_by = "stop"
+            if checker is not None:
+                checker.close()  # let the cycle in progress finish; the last one runs here
+                checker = None
             one_cycle()
         finally:
+            if checker is not None:
+                checker.close()
             self.source.close()
             self.engine.close()
         return RunSummary(cycles, alerts, self.counters(), stopped_by)
+
+
+class _WindowChecker:
+    """A thread that runs the detectors on the newest submitted window (one pending at most)."""
+
+    def __init__(self, monitor: NetMonitor, on_report: Callable[[CycleReport], None]) -> None:
+        self.monitor = monitor
+        self.on_report = on_report
+        self._cond = threading.Condition()
+        self._pending: tuple[NetWindow, Inventory] | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"sva-net-detect:{monitor.source.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, window: NetWindow, inventory: Inventory) -> None:
+        with self._cond:
+            if self._pending is not None:
+                self.monitor.cycles_skipped += 1
+            self._pending = (window, inventory)
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closing:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                window, inventory = self._pending
+                self._pending = None
+            try:
+                self.on_report(self.monitor.detect(window, inventory))
+            except Exception:  # noqa: BLE001 - the engine reports detector failures itself; this is a bug
+                log.exception("network detection cycle failed")
+
+    def close(self) -> None:
+        """Finish the pending window and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
 
 
 def _is_file_source(name: str) -> bool:
