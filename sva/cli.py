@@ -17,7 +17,7 @@ from sva import __version__
 from sva.errors import SvaError
 
 # Ordered: the order of commands in `sva --help`.
-COMMAND_MODULES = ("sva.vmi.cli", "sva.symbols.cli", "sva.guest.cli", "sva.lab.cli", "sva.bus.cli", "sva.engine.cli", "sva.engine.scan_cli", "sva.sigs.cli", "sva.net.cli", "sva.qmpproxy.cli")
+COMMAND_MODULES = ("sva.vmi.cli", "sva.symbols.cli", "sva.guest.cli", "sva.lab.cli", "sva.bus.cli", "sva.engine.cli", "sva.engine.scan_cli", "sva.sigs.cli", "sva.net.cli", "sva.qmpproxy.cli", "sva.daemon.cli")
 
 
 def print_json(obj: Any) -> None:

@@ -44,6 +44,41 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def build_engine(args: argparse.Namespace, backend: Any, sinks: list[Any], **engine_options: Any) -> Any:
     """The engine `sva scan`/`sva watch` run; `engine_options` go to Engine (benchmarks)."""
+    names = None
+    if args.detectors:
+        names = [n.strip() for n in args.detectors.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--detectors: no detector named")
+    sweep = getattr(args, "sweep_every", 1)
+    if sweep < 1:
+        raise ConfigError(f"--sweep-every must be at least 1, not {sweep}")
+    engine, _session = assemble_engine(
+        args.target, backend, sinks, vm_name=args.target.split(":", 1)[-1].rsplit("/", 1)[-1],
+        rules=args.rules or (), detectors=names, isf_dirs=args.isf_dir, signature_scan=_signature_scan(args),
+        sweep_every=sweep, **engine_options,
+    )  # fmt: skip
+    return engine
+
+
+def assemble_engine(
+    target: str,
+    backend: Any,
+    sinks: list[Any],
+    *,
+    vm_name: str,
+    rules: Any = (),
+    detectors: list[str] | None = None,
+    isf_dirs: list[str] | tuple[str, ...] = (),
+    signature_scan: Any = None,
+    sweep_every: int = 1,
+    **engine_options: Any,
+) -> tuple[Any, Any]:
+    """An Engine over `backend` with the guest-semantics facts, and its GuestSession.
+
+    The reusable core of `build_engine` (the daemon's workers call it per VM): `rules` are
+    rule files/directories (empty: rules/), `detectors` names (None: the built-in list),
+    `signature_scan` a YaraMemoryScan (None: the active bundle). The session is returned
+    so a caller can tell whether the guest's symbols were found (`attached`)."""
     from sva.engine.engine import Engine
     from sva.engine.facts import FactRegistry, backend_fact_providers
     from sva.engine.model import VmIdentity
@@ -51,33 +86,25 @@ def build_engine(args: argparse.Namespace, backend: Any, sinks: list[Any], **eng
     from sva.engine.ruleload import load_rules
     from sva.engine.rules import default_rules_dir
     from sva.guest.facts import GuestSession
-
-    rules = load_rules(*(args.rules or [default_rules_dir()]))
-    if args.detectors:
-        names = [n.strip() for n in args.detectors.split(",") if n.strip()]
-        if not names:
-            raise ConfigError("--detectors: no detector named")
-        detectors = load_detectors(names)
-    else:
-        detectors = default_detectors()
-    session = GuestSession(isf_dirs=args.isf_dir)
-    try:
-        session.attach(backend)
-    except SvaError:
-        pass  # facts that need it become Unavailable (with the reason) in the cycle
     from sva.guest.integrity import integrity_providers
     from sva.guest.memscan import memory_providers
     from sva.guest.views import view_providers
 
-    sweep = getattr(args, "sweep_every", 1)
-    if sweep < 1:
-        raise ConfigError(f"--sweep-every must be at least 1, not {sweep}")
+    ruleset = load_rules(*(rules or [default_rules_dir()]))
+    dets = load_detectors(detectors) if detectors else default_detectors()
+    session = GuestSession(isf_dirs=list(isf_dirs))
+    try:
+        session.attach(backend)
+    except SvaError:
+        pass  # facts that need it become Unavailable (with the reason) in the cycle
+    scan = signature_scan if signature_scan is not None else _signature_scan(argparse.Namespace(signatures=None))
     facts = FactRegistry([
-        *backend_fact_providers(), *session.providers(), *memory_providers(session, _signature_scan(args)),
-        *view_providers(session, sweep), *integrity_providers(session, sweep),
+        *backend_fact_providers(), *session.providers(), *memory_providers(session, scan),
+        *view_providers(session, sweep_every), *integrity_providers(session, sweep_every),
     ])  # fmt: skip
-    vm = VmIdentity(name=args.target.split(":", 1)[-1].rsplit("/", 1)[-1], target=args.target)
-    return Engine(vm, rules=rules, detectors=detectors, facts=facts, backend=backend, sinks=sinks, **engine_options)
+    vm = VmIdentity(name=vm_name, target=target)
+    engine = Engine(vm, rules=ruleset, detectors=dets, facts=facts, backend=backend, sinks=sinks, **engine_options)
+    return engine, session
 
 
 def _signature_scan(args: argparse.Namespace) -> Any:

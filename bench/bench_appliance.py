@@ -1,0 +1,184 @@
+"""The appliance daemon (`sva run`) on lab guests: detection latency, guest slowdown, RSS.
+
+    .venv/bin/python bench/bench_appliance.py [--samples 5] [--guests 8] [--skip-rss]
+
+1. Detection latency: a process named like a coin miner is started in the guest (serial
+   console exec); the time from issuing the exec to the alert at an authenticated bus
+   subscriber, p50/p95 (goal <= 0.5 s / <= 1 s). Interval 0.25 s (4 Hz), cpu_budget 1.
+2. Guest CPU slowdown: a busy loop in the guest, timed from the host, with the daemon
+   monitoring it at 4 Hz vs not monitored at all (the baseline), ratio (goal <= 3 %).
+3. Daemon RSS (VmRSS of the `sva run` process after a few cycles) with 1 and with N lab
+   guests (goal <= 250 MB, + <= 60 MB per extra VM).
+
+Figures are printed whether or not the goals are met. Lab guests get names unique to this
+run in a private SVA_RUNTIME_DIR and are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SVA_RUNTIME_DIR", tempfile.mkdtemp(prefix="sva-bench-app-"))
+os.environ["SVA_SIGS_DIR"] = "/nonexistent/sva-sigs"  # the built-in signatures
+
+from sva import lab
+from sva.bus.event import EventType
+from sva.bus.subscriber import BusSubscriber
+from sva.bus.testing import make_keys
+
+BUSY = "i=0; while [ $i -lt {n} ]; do i=$((i+1)); done; echo done"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, tmp: Path, guests: list[str], interval: float, budget: float) -> None:
+        if not (tmp / "keys" / "server.key").exists():
+            make_keys(tmp / "keys")
+        from sva.bus.subscriber import security_from_keys_dir
+
+        self.security = security_from_keys_dir(tmp / "keys")
+        self.bus, self.replay = _port(), _port()
+        targets = "".join(f'[[targets]]\nuri = "lab:{g}"\n' for g in guests)
+        cfg = tmp / f"sva-{len(guests)}.toml"
+        cfg.write_text(f"""[appliance]\nlog_format = "json"\n[bus]\nendpoint = "tcp://127.0.0.1:{self.bus}"
+replay_endpoint = "tcp://127.0.0.1:{self.replay}"\njournal = "{tmp}/journal-{len(guests)}"\nkeys_dir = "{tmp}/keys"
+[defaults]\ninterval = {interval}\ncpu_budget = {budget}\nretry = 0.5\n{targets}[metrics]\nenabled = false\n""")
+        self.out: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "sva", "run", "--config", str(cfg)], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+
+    def wait_cycles(self, guests: list[str], timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = {g for g in guests if any(f'"vm":"{g}"' in line and '"cycle"' in line for line in self.out)}
+            if done == set(guests) or self.proc.poll() is not None:
+                return
+            time.sleep(0.5)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def busy(name: str, n: int) -> float:
+    t = time.perf_counter()
+    lab.exec_in(name, BUSY.format(n=n), timeout=300)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--guests", type=int, default=8)
+    ap.add_argument("--loop", type=int, default=300000, help="busy-loop iterations in the guest")
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sva-bench-app-"))
+    tag = f"ba{os.getpid()}"
+    started: list[str] = []
+    try:
+        g0 = f"{tag}-0"
+        lab.up(g0, scenario="clean")
+        started.append(g0)
+
+        # 2. baseline busy loop, unmonitored
+        busy(g0, 1000)  # warm the serial console
+        base = [busy(g0, args.loop) for _ in range(3)]
+
+        d = Daemon(tmp, [g0], 0.25, 1.0)
+        try:
+            d.wait_cycles([g0])
+            monitored = [busy(g0, args.loop) for _ in range(3)]
+            b, m = statistics.median(base), statistics.median(monitored)
+            print(f"guest busy loop ({args.loop} iterations, median of 3): unmonitored {b:.2f} s (baseline), "
+                  f"monitored at 4 Hz {m:.2f} s: slowdown {100 * (m / b - 1):+.1f} % (goal <= 3 %)", flush=True)
+            # 1. latency
+            sub = BusSubscriber(f"tcp://127.0.0.1:{d.bus}", f"tcp://127.0.0.1:{d.replay}", security=d.security)
+            lat: list[float] = []
+            try:
+                for i in range(args.samples):
+                    comm = f"xmrig{i}"
+                    # a script (busybox itself would look up an applet by that name and exit)
+                    lab.exec_in(g0, f"printf '#!/bin/sh\\nsleep 600\\n' > /tmp/{comm}; chmod +x /tmp/{comm}",
+                                timeout=60)  # fmt: skip
+                    t0 = time.perf_counter()
+                    lab.exec_in(g0, f"(/tmp/{comm} &) ; true", timeout=60)
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        ev = sub.recv(timeout=0.5)
+                        if ev is not None and ev.type is EventType.ALERT and f"({comm})" in str(
+                                ev.payload["finding_info"]["title"]):
+                            lat.append(time.perf_counter() - t0)
+                            break
+            finally:
+                sub.close()
+            rss1 = d.rss_mb()
+        finally:
+            d.stop()
+
+        if lat:
+            print(f"exec -> alert latency over {len(lat)} samples: p50 {pct(lat, 0.5):.2f} s (goal <= 0.5 s), "
+                  f"p95 {pct(lat, 0.95):.2f} s (goal <= 1 s)", flush=True)
+        else:
+            print("exec -> alert latency: no alert within 30 s", flush=True)
+        print(f"daemon RSS with 1 guest: {rss1:.0f} MB (goal <= 250 MB)", flush=True)
+
+        # 3. RSS with N guests
+        if not args.skip_rss and args.guests > 1:
+            names = [f"{tag}-{i}" for i in range(1, args.guests)]
+            for n in names:
+                lab.up(n, scenario="clean", mem="128M")
+                started.append(n)
+            d = Daemon(tmp, [g0, *names], 5.0, 0.5)
+            try:
+                d.wait_cycles([g0, *names], timeout=600)
+                rssn = d.rss_mb()
+            finally:
+                d.stop()
+            per = (rssn - rss1) / (args.guests - 1)
+            print(f"daemon RSS with {args.guests} guests: {rssn:.0f} MB; {per:.0f} MB per extra VM "
+                  f"(goal <= 60 MB), ratio to 1 guest {rssn / rss1:.2f}x", flush=True)
+    finally:
+        for n in started:
+            try:
+                lab.down(n)
+            except Exception as e:  # noqa: BLE001 - stop the others
+                print(f"could not stop {n}: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
