@@ -54,22 +54,31 @@ class Daemon:
         from sva.bus.subscriber import security_from_keys_dir
 
         self.security = security_from_keys_dir(tmp / "keys")
-        self.bus, self.replay = _port(), _port()
+        self.bus, self.replay, self.metrics = _port(), _port(), _port()
         targets = "".join(f'[[targets]]\nuri = "lab:{g}"\n' for g in guests)
         cfg = tmp / f"sva-{len(guests)}.toml"
         cfg.write_text(f"""[appliance]\nlog_format = "json"\n[bus]\nendpoint = "tcp://127.0.0.1:{self.bus}"
 replay_endpoint = "tcp://127.0.0.1:{self.replay}"\njournal = "{tmp}/journal-{len(guests)}"\nkeys_dir = "{tmp}/keys"
-[defaults]\ninterval = {interval}\ncpu_budget = {budget}\nretry = 0.5\n{targets}[metrics]\nenabled = false\n""")
+[defaults]\ninterval = {interval}\ncpu_budget = {budget}\nretry = 0.5\n{targets}[metrics]\nport = {self.metrics}\n""")
         self.out: list[str] = []
         self.proc = subprocess.Popen([sys.executable, "-m", "sva", "run", "--config", str(cfg)], text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True).start()  # type: ignore[arg-type]
 
     def wait_cycles(self, guests: list[str], timeout: float = 300) -> None:
+        """Until every guest had two cycles (sva_vm_cycles_total from the metrics endpoint)."""
+        import urllib.request
+
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done = {g for g in guests if any(f'"vm":"{g}"' in line and '"cycle"' in line for line in self.out)}
-            if done == set(guests) or self.proc.poll() is not None:
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                text = ""
+            cycles = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith("sva_vm_cycles_total{")}  # fmt: skip
+            if all(cycles.get(g, 0) >= 2 for g in guests):
                 return
             time.sleep(0.5)
 
