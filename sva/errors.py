@@ -66,11 +66,10 @@ class BusError(SvaError):
     """The alert bus cannot journal, publish, authenticate or replay (names the journal, key or endpoint)."""
 
 
-class RulesError(SvaError):
-    """A rules file is invalid: prints as `file:line: what is wrong`.
+class LocatedError(SvaError):
+    """A problem in a data file, located: prints as `file:line: what is wrong` (or `file: …`).
 
-    `errors` holds every problem found in the same load (this one first), so a checker can
-    report them all at once.
+    `errors` holds every problem found in the same load (this one first).
     """
 
     def __init__(self, path: str, line: int | None, message: str) -> None:
@@ -79,7 +78,15 @@ class RulesError(SvaError):
         self.path = path
         self.line = line
         self.reason = message
-        self.errors: tuple[RulesError, ...] = (self,)
+        self.errors: tuple[LocatedError, ...] = (self,)
+
+
+class RulesError(LocatedError):
+    """A rules file is invalid: prints as `file:line: what is wrong`.
+
+    `errors` holds every problem found in the same load (this one first), so a checker can
+    report them all at once.
+    """
 
 
 class DetectorError(SvaError):
@@ -91,19 +98,11 @@ class DetectorError(SvaError):
         self.reason = message
 
 
-class SignatureError(SvaError):
+class SignatureError(LocatedError):
     """A signature (YARA rule) file cannot be loaded: prints as `file:line: what is wrong`.
 
     `errors` holds every problem found in the same load (this one first).
     """
-
-    def __init__(self, path: str, line: int | None, message: str) -> None:
-        where = path if line is None else f"{path}:{line}"
-        super().__init__(f"{where}: {message}")
-        self.path = path
-        self.line = line
-        self.reason = message
-        self.errors: tuple[SignatureError, ...] = (self,)
 
 
 class CaptureError(SvaError):
