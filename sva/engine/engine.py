@@ -115,6 +115,17 @@ class DetectorRun:
 
 
 @dataclass(frozen=True)
+class SnapshotStats:
+    """How the last cycle's short-pause copy went (see Engine._from_snapshots)."""
+
+    pages: int  # pages copied in the last attempt
+    touched: int  # pages the walks read
+    missed: int  # of those, not in the copy (read live: the attempt was redone)
+    attempts: int
+    consistent: bool  # False: the cycle fell back to a classic freeze
+
+
+@dataclass(frozen=True)
 class SuppressedFinding:
     finding: Finding
     suppression: str  # the suppression's id
@@ -187,6 +198,7 @@ class Engine:
         slow_detector_seconds: float = 5.0,
         fact_time_budget: float = 60.0,
         live_prefetch: bool = True,
+        snapshot_attempts: int = 3,
         clock: Callable[[], float] = time.time,
         uid_factory: Callable[[], str] | None = None,
     ) -> None:
@@ -214,6 +226,12 @@ class Engine:
         # False: live prerequisites are computed inside the freeze when first read, as
         # before step 0 existed (for comparing pause times; see bench/bench_scan.py).
         self._live_prefetch = live_prefetch
+        # Consistent facts from short-pause page copies (sva.vmi.pagesnap), tried this many
+        # times per cycle before a classic freeze; 0: always the classic freeze.
+        self._snapshot_attempts = max(0, snapshot_attempts)
+        self._working_set: frozenset[int] = frozenset()
+        self._snapshot_registers = False
+        self.snapshot_stats: SnapshotStats | None = None  # how the last cycle's copy went
         self._clock = clock
         self._tracker = AlertTracker(uid_factory)
         self._cycle = 0
@@ -379,6 +397,12 @@ class Engine:
             return None, True  # nothing needs a consistent view: do not stop the guest at all
         for name in self.live_prerequisites(consistent) if self._live_prefetch else ():
             facts.get(name)  # guest running; failures become Unavailable like any fact's
+        short = self._from_snapshots(facts, consistent, health) if self._snapshot_attempts else (0.0, False)
+        if short is None:
+            return None, False
+        if short[1]:
+            return short[0], True
+        earlier_pauses = short[0]
         freeze = self._backend.frozen() if self._backend is not None else contextlib.nullcontext(None)
         try:
             with freeze as record:
@@ -387,7 +411,7 @@ class Engine:
                     facts.get(name)
                 facts.in_freeze = False
                 collected = True
-            pause = record.seconds if record is not None else None
+            pause = record.seconds + earlier_pauses if record is not None else None
         except SvaError as e:
             facts.in_freeze = False
             what = "resume" if collected else "freeze"
@@ -396,6 +420,50 @@ class Engine:
             health.append(_error("vmi", message, reason=f"{what}-failed", target=target))
             return None, collected
         return pause, True
+
+    def _from_snapshots(
+        self, facts: CycleFacts, consistent: list[str], health: list[HealthEvent]
+    ) -> tuple[float, bool] | None:
+        """The consistent facts from short-pause page copies (sva.vmi.pagesnap): freeze,
+        copy the working set, thaw, compute from the copy; redo with a bigger copy while
+        a walk read a page outside it, at most `snapshot_attempts` times. Returns (pause
+        seconds so far, done); not done: the caller computes them in a classic freeze.
+        None: the guest could not be frozen or resumed (a health event says so)."""
+        backend = self._backend
+        if backend is None or not getattr(backend.capabilities, "pause", False) or not hasattr(backend, "overlay"):
+            return 0.0, False
+        pause = 0.0
+        registers = self._snapshot_registers
+        for _attempt in range(self._snapshot_attempts):
+            before = facts.names()
+            try:
+                with backend.frozen() as record:
+                    snap = backend.snapshot(self._working_set, registers=registers)
+            except SvaError as e:
+                message = f"{backend.target}: cannot freeze the guest for a snapshot: {e}"
+                health.append(_error("vmi", message, reason="freeze-failed", target=backend.target))
+                return None
+            pause += record.seconds
+            with backend.overlay(snap):
+                facts.in_freeze = True
+                try:
+                    for name in consistent:
+                        facts.get(name)
+                finally:
+                    facts.in_freeze = False
+            self._working_set = frozenset(snap.touched) if not snap.overflow else frozenset()
+            registers = registers or snap.registers_missed
+            self._snapshot_registers = registers
+            self.snapshot_stats = SnapshotStats(
+                pages=len(snap.pages), touched=len(snap.touched), missed=len(snap.missed),
+                attempts=_attempt + 1, consistent=snap.consistent,
+            )  # fmt: skip
+            if snap.consistent:
+                return pause, True
+            facts.forget(facts.names() - before)  # read partly live: redo them
+            if snap.overflow:
+                break
+        return pause, False
 
     def _identity(self, facts: CycleFacts, health: list[HealthEvent]) -> VmIdentity:
         if BOOT_ID_FACT not in self._facts:

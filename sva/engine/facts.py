@@ -251,6 +251,12 @@ class FactContext:
     def cycle(self) -> int:
         return self._facts.cycle
 
+    @property
+    def attempt(self) -> int:
+        """Counts the engine's tries at this cycle's consistent facts (see
+        `CycleFacts.forget`): a provider caching reads per cycle drops them when it changes."""
+        return self._facts.attempt
+
     def time_left(self) -> float:
         """Seconds until this cycle's fact deadline; walks should stop (Unavailable) at 0."""
         return self._facts.deadline - time.monotonic()
@@ -286,6 +292,7 @@ class CycleFacts:
         self.cycle = cycle
         self.deadline = time.monotonic() + time_budget
         self.in_freeze = False  # set by the engine while the guest is frozen
+        self.attempt = 0  # bumped by forget(): the values read so far are being redone
         self._values: dict[str, Any] = {}
         self._stack: list[str] = []
         self._records: dict[str, FactRecord] = {}
@@ -321,6 +328,18 @@ class CycleFacts:
 
     def records(self) -> tuple[FactRecord, ...]:
         return tuple(self._records.values())
+
+    def names(self) -> frozenset[str]:
+        """The facts computed so far."""
+        return frozenset(self._values)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop these facts' values so that they are computed again (the engine does
+        this when a walk read memory that was not part of a consistent copy) and start a
+        new attempt. Their records stay until they are recomputed."""
+        for name in names:
+            self._values.pop(name, None)
+        self.attempt += 1
 
 
 class UndeclaredFactError(DetectorError):

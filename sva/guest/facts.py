@@ -31,7 +31,7 @@ class GuestSession:
     def __init__(self, **symbol_options: Any) -> None:
         self._options = symbol_options
         self._gc: GuestContext | None = None
-        self._cycle = -1
+        self._cycle: tuple[int, int] = (-1, 0)
         self._boot_id: str | None = None
 
     def attach(self, backend: Any) -> GuestContext:
@@ -40,6 +40,7 @@ class GuestSession:
         self._gc = GuestContext.attach(backend, **self._options)
         self._gc.warm_up()
         self._boot_id = None
+        release_resident(backend)  # the kernel search mapped the whole RAM
         return self._gc
 
     def context_for(self, ctx: FactContext) -> GuestContext:
@@ -50,8 +51,8 @@ class GuestSession:
         if self._gc is None:
             self._gc = GuestContext.attach(backend, **self._options)  # type: ignore[arg-type]
             self._boot_id = None
-        if self._cycle != ctx.cycle:
-            self._cycle = ctx.cycle
+        if self._cycle != (ctx.cycle, ctx.attempt):  # a new cycle, or the engine redoes one
+            self._cycle = (ctx.cycle, ctx.attempt)
             self._gc.begin_cycle()
         return self._gc
 
@@ -92,4 +93,12 @@ class GuestSession:
         ]
 
 
-__all__ = ["GuestSession", "place_kernel"]
+def release_resident(backend: Any) -> None:
+    """Drop the guest RAM pages a bulk read mapped into this process (see
+    MappedBackend.release_resident); backends without a mapping have nothing to drop."""
+    release = getattr(backend, "release_resident", None)
+    if release is not None:
+        release()
+
+
+__all__ = ["GuestSession", "place_kernel", "release_resident"]

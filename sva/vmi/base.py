@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import mmap
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sva.errors import MemoryAccessError, SvaError, TargetError
+
+if TYPE_CHECKING:
+    from sva.vmi.pagesnap import PageSnapshot
 
 PAGE_SIZE = 4096
 
@@ -223,6 +227,7 @@ class MappedBackend:
             raise
         self._mv = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
         self._closed = False
+        self._overlay: PageSnapshot | None = None  # see sva.vmi.pagesnap
 
     # -- memory ---------------------------------------------------------------
     @property
@@ -242,9 +247,16 @@ class MappedBackend:
         return bytes(buf)
 
     def readinto(self, gpa: int, buf: bytearray | memoryview) -> int:
-        """Fill `buf` from guest-physical `gpa`; returns len(buf) or raises."""
+        """Fill `buf` from guest-physical `gpa`; returns len(buf) or raises. Inside
+        `overlay(snapshot)` the snapshot's pages are read instead of live RAM."""
         self._check_open()
         out = memoryview(buf).cast("B")
+        if self._overlay is not None:
+            return self._overlay.readinto(gpa, out, self._read_live)
+        return self._read_live(gpa, out)
+
+    def _read_live(self, gpa: int, out: memoryview) -> int:
+        """Fill `out` from the guest's RAM as it is now."""
         pos = 0
         for _region, off, n in self.memory_map.translate(gpa, len(out)):
             while n > 0:
@@ -262,8 +274,15 @@ class MappedBackend:
         return pos
 
     def view(self, gpa: int, size: int) -> memoryview:
-        """A zero-copy read-only view of [gpa, gpa+size), which must lie in one region."""
+        """A zero-copy read-only view of [gpa, gpa+size), which must lie in one region.
+        Inside `overlay(snapshot)`: a read-only copy from the snapshot instead."""
         self._check_open()
+        if self._overlay is not None:
+            if size > MAX_READ:
+                raise MemoryAccessError(gpa, size, f"read larger than {MAX_READ} bytes refused")
+            buf = bytearray(size)
+            self.readinto(gpa, buf)
+            return memoryview(buf).toreadonly()
         pieces = self.memory_map.translate(gpa, size)
         if len(pieces) > 1:
             raise MemoryAccessError(gpa, size, "range spans more than one memory region")
@@ -279,6 +298,53 @@ class MappedBackend:
         """Each region with a zero-copy view of its bytes, for bulk scans."""
         for region in self.memory_map:
             yield region, self.view(region.gpa, region.size)
+
+    # -- short-pause snapshots (sva.vmi.pagesnap) -----------------------------------
+    def snapshot(self, pfns: Iterable[int], registers: bool = False) -> PageSnapshot:
+        """Copy the guest pages `pfns` (page frame numbers; those outside RAM are left
+        out) and, with `registers`, every vCPU's registers. Call it inside `frozen()`:
+        the copy is consistent only if the guest does not run meanwhile."""
+        from sva.vmi.pagesnap import PAGE_SHIFT, PAGE_SIZE, PageSnapshot, page_runs
+
+        self._check_open()
+        runs = page_runs(pfns)
+        data = bytearray(sum(n for _, n in runs) << PAGE_SHIFT)
+        out = memoryview(data)
+        pages: dict[int, int] = {}
+        pos = 0
+        for first, count in runs:
+            try:
+                self._read_live(first << PAGE_SHIFT, out[pos : pos + (count << PAGE_SHIFT)])
+            except MemoryAccessError:  # a run reaching outside RAM: page by page
+                for pfn in range(first, first + count):
+                    try:
+                        self._read_live(pfn << PAGE_SHIFT, out[pos : pos + PAGE_SIZE])
+                    except MemoryAccessError:
+                        continue
+                    pages[pfn] = pos
+                    pos += PAGE_SIZE
+                continue
+            for i in range(count):
+                pages[first + i] = pos + (i << PAGE_SHIFT)
+            pos += count << PAGE_SHIFT
+        out.release()
+        del data[pos:]
+        regs = {r.vcpu: r for r in self._all_registers()} if registers else {}
+        return PageSnapshot(pages, data, regs)
+
+    def _all_registers(self) -> list[Registers]:
+        return [self.regs(i) for i in range(self.vcpu_count)]
+
+    @contextlib.contextmanager
+    def overlay(self, snapshot: PageSnapshot) -> Iterator[PageSnapshot]:
+        """Serve reads (and register reads) from `snapshot` for the block."""
+        if self._overlay is not None:
+            raise TargetError(self.target, "an overlay is already in effect")
+        self._overlay = snapshot
+        try:
+            yield snapshot
+        finally:
+            self._overlay = None
 
     # -- vCPU and execution control (overridden by live backends) ---------------
     @property

@@ -145,10 +145,8 @@ class IvshmemBackend(QemuBackend):
         self.spec = spec
         super().__init__(spec.qmp, target=target, timeout=timeout, qmp=qmp, ram_path=spec.ram_path)
 
-    def readinto(self, gpa: int, buf: bytearray | memoryview) -> int:
+    def _read_live(self, gpa: int, out: memoryview) -> int:
         """Copy from the mapping: a memory BAR has no read(), only mmap."""
-        self._check_open()
-        out = memoryview(buf).cast("B")
         pos = 0
         for _region, off, n in self.memory_map.translate(gpa, len(out)):
             if off + n > len(self._mv):

@@ -225,6 +225,14 @@ class QemuBackend(MappedBackend):
     def regs(self, vcpu: int = 0) -> Registers:
         if not 0 <= vcpu < self._vcpus:
             raise TargetError(self.target, f"no vCPU {vcpu}; the VM has {self._vcpus}")
+        if self._overlay is not None:
+            return self._overlay.register(vcpu, self._live_regs)
+        return self._live_regs(vcpu)
+
+    def _all_registers(self) -> list[Registers]:
+        return list(self.all_regs())
+
+    def _live_regs(self, vcpu: int) -> Registers:
         for r in self.all_regs():
             if r.vcpu == vcpu:
                 return r
