@@ -17,6 +17,11 @@ One cycle, top to bottom:
    they need into immutable values, so the guest runs again (**thaw**) as soon as they
    are done: the pause lasts as long as the memory walks, never as long as detection.
    When no enabled detector needs a consistent fact, the guest is not paused at all.
+   On live backends that can copy pages (sva.vmi.pagesnap) the walks do not even run
+   inside the freeze: the freeze only copies the pages the last cycle's walks read (a
+   few MiB: milliseconds), and the walks read that copy with the guest running. A walk
+   that reads a page outside the copy (a new process) is redone from a new copy that
+   has it; after `snapshot_attempts` tries the facts are computed in a classic freeze.
 2. For each detector in order: compute its remaining facts (lazily, at most once per
    cycle); skip it with a health event if one is `Unavailable`; else call it with a
    `FactView` of exactly what it declared. Any exception is a health event with the
