@@ -236,6 +236,7 @@ class Engine:
         self._snapshot_attempts = max(0, snapshot_attempts)
         self._working_set: frozenset[int] = frozenset()
         self._snapshot_registers = False
+        self._spare: bytearray | None = None
         self.snapshot_stats: SnapshotStats | None = None  # how the last cycle's copy went
         self._clock = clock
         self._tracker = AlertTracker(uid_factory)
@@ -443,7 +444,7 @@ class Engine:
             before = facts.names()
             try:
                 with backend.frozen() as record:
-                    snap = backend.snapshot(self._working_set, registers=registers)
+                    snap = backend.snapshot(self._working_set, registers=registers, buffer=self._spare)
             except SvaError as e:
                 message = f"{backend.target}: cannot freeze the guest for a snapshot: {e}"
                 health.append(_error("vmi", message, reason="freeze-failed", target=backend.target))
@@ -456,6 +457,7 @@ class Engine:
                         facts.get(name)
                 finally:
                     facts.in_freeze = False
+            self._spare = snap.data  # nothing refers to it after the overlay: facts hold copies
             self._working_set = frozenset(snap.touched) if not snap.overflow else frozenset()
             registers = registers or snap.registers_missed
             self._snapshot_registers = registers

@@ -300,25 +300,53 @@ class MappedBackend:
             yield region, self.view(region.gpa, region.size)
 
     # -- short-pause snapshots (sva.vmi.pagesnap) -----------------------------------
-    def snapshot(self, pfns: Iterable[int], registers: bool = False) -> PageSnapshot:
+    def snapshot(
+        self, pfns: Iterable[int], registers: bool = False, buffer: bytearray | None = None
+    ) -> PageSnapshot:
         """Copy the guest pages `pfns` (page frame numbers; those outside RAM are left
         out) and, with `registers`, every vCPU's registers. Call it inside `frozen()`:
-        the copy is consistent only if the guest does not run meanwhile."""
+        the copy is consistent only if the guest does not run meanwhile. `buffer` (an
+        earlier snapshot's `data`, no longer read) is reused when big enough: a fresh
+        allocation costs a page fault per page, inside the pause."""
         from sva.vmi.pagesnap import PAGE_SHIFT, PAGE_SIZE, PageSnapshot, page_runs
 
         self._check_open()
         runs = page_runs(pfns)
-        data = bytearray(sum(n for _, n in runs) << PAGE_SHIFT)
+        need = sum(n for _, n in runs) << PAGE_SHIFT
+        data = buffer if buffer is not None and len(buffer) >= need else bytearray(need + need // 4)
         out = memoryview(data)
         pages: dict[int, int] = {}
         pos = 0
+        # Copied from the mapping (no system call per run), within the file's size now:
+        # a backing file that shrank would SIGBUS past its end.
+        limit = min(len(self._mv), os.fstat(self._fd).st_size) if len(self._mv) else 0
+        mv = self._mv
+
+        def copy(gpa: int, dst: memoryview) -> None:
+            at = 0
+            for _region, off, n in self.memory_map.translate(gpa, len(dst)):
+                if off + n > limit:
+                    self._read_live(gpa + at, dst[at : at + n])
+                else:
+                    dst[at : at + n] = mv[off : off + n]
+                at += n
+
+        region_of = self.memory_map.region_of
         for first, count in runs:
+            gpa, size = first << PAGE_SHIFT, count << PAGE_SHIFT
+            r = region_of(gpa)
+            if r is not None and gpa + size <= r.end and (off := r.offset + gpa - r.gpa) + size <= limit:
+                out[pos : pos + size] = mv[off : off + size]  # the common case, inlined
+                for i in range(count):
+                    pages[first + i] = pos + (i << PAGE_SHIFT)
+                pos += size
+                continue
             try:
-                self._read_live(first << PAGE_SHIFT, out[pos : pos + (count << PAGE_SHIFT)])
+                copy(gpa, out[pos : pos + size])
             except MemoryAccessError:  # a run reaching outside RAM: page by page
                 for pfn in range(first, first + count):
                     try:
-                        self._read_live(pfn << PAGE_SHIFT, out[pos : pos + PAGE_SIZE])
+                        copy(pfn << PAGE_SHIFT, out[pos : pos + PAGE_SIZE])
                     except MemoryAccessError:
                         continue
                     pages[pfn] = pos
@@ -328,7 +356,6 @@ class MappedBackend:
                 pages[first + i] = pos + (i << PAGE_SHIFT)
             pos += count << PAGE_SHIFT
         out.release()
-        del data[pos:]
         regs = {r.vcpu: r for r in self._all_registers()} if registers else {}
         return PageSnapshot(pages, data, regs)
 

@@ -53,7 +53,8 @@ class PageSnapshot:
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        """Bytes copied (`data` may be larger: a reused buffer)."""
+        return len(self.pages) << PAGE_SHIFT
 
     def readinto(self, gpa: int, out: memoryview, live: Callable[[int, memoryview], int]) -> int:
         """Fill `out` from guest-physical `gpa`: copied pages from the copy, the others

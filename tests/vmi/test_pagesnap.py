@@ -92,3 +92,19 @@ def test_a_walk_touching_too_many_pages_overflows(bare_vm, monkeypatch) -> None:
         with b.overlay(snap):
             b.read(100 * PAGE_SIZE, 6 * PAGE_SIZE)
         assert snap.overflow and not snap.consistent
+
+
+def test_a_big_enough_buffer_is_reused(bare_vm) -> None:
+    vm = bare_vm(mem="64M")
+    _write(vm.mem_path, 30, 0xC3)
+    with QemuBackend(vm.qmp_path) as b:
+        with b.frozen():
+            first = b.snapshot({30, 31, 32})
+            again = b.snapshot({30}, buffer=first.data)
+            small = b.snapshot({30, 31, 32, 33, 34}, buffer=bytearray(PAGE_SIZE))
+        assert again.data is first.data and again.size == PAGE_SIZE
+        assert len(small.data) >= 5 * PAGE_SIZE and small.size == 5 * PAGE_SIZE
+        for snap in (first, again, small):
+            with b.overlay(snap):
+                assert b.read(30 * PAGE_SIZE, 8) == b"\xc3" * 8
+            assert snap.consistent
