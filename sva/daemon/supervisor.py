@@ -11,7 +11,12 @@ stopped together.
 whose settings changed is restarted, a removed one stopped, a new one started, the others
 keep running (and re-read their rule files at their next cycle). A config that does not
 load is refused with a `sva.health.daemon` error event and the old one stays in force.
-Bus and metrics endpoint changes need a restart (logged).
+A changed `[bus]` (endpoints, keys, journal settings) replaces the publisher behind the
+`BusHandle` every part publishes through: the journal carries on, so sequence numbers
+continue on the new endpoints and subscribers fill any gap from its replay endpoint. A
+changed `[metrics]` (or management address) moves the metrics endpoint. If the new
+endpoint cannot be bound, the old one is restored and the reload reported as an error.
+`[appliance]` name, log format and level need a restart (logged).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 from sva.daemon.config import DaemonConfig, NetworkConfig, TargetConfig, default_name, load
 from sva.daemon.metrics import Metrics, MetricsServer, MetricType
 from sva.daemon.worker import SharedSink, VmWorker
-from sva.errors import SvaError
+from sva.errors import BusError, SvaError
 
 log = logging.getLogger("sva.daemon")
 _STOP_WAIT_S = 30.0  # per shutdown: a worker in a cycle finishes it (and thaws its guest) first
@@ -161,6 +166,56 @@ class NetService:
             log.error("health event not published: %s", e)
 
 
+class BusHandle:
+    """The daemon's bus as every part holds it: the current BusPublisher behind a lock, so
+    a reload can replace the publisher (new endpoints or keys) under the workers, network
+    monitors and refresher without their noticing. Publishing waits while it is replaced;
+    with no publisher at all (the old one could not be bound again) it raises BusError,
+    which the engine treats as a refused event: kept and sent again next cycle."""
+
+    def __init__(self, publisher: Any) -> None:
+        self._pub: Any = publisher
+        self._lock = threading.RLock()
+
+    def _current(self) -> Any:
+        if self._pub is None:
+            raise BusError("the bus publisher is down after a failed reload; restart sva")
+        return self._pub
+
+    def publish(self, event_type: Any, payload: Any) -> Any:
+        with self._lock:
+            return self._current().publish(event_type, payload)
+
+    def publish_many(self, events: Any) -> Any:
+        with self._lock:
+            return self._current().publish_many(events)
+
+    def __getattr__(self, name: str) -> Any:  # endpoint, latest_seq, journal, …
+        return getattr(self._current(), name)
+
+    def replace(self, make: Any, config: Any) -> None:
+        """Close the publisher and open `make(config)`; if that fails, reopen one with the
+        old config and re-raise (the journal is closed and reopened either way)."""
+        with self._lock:
+            old = self._current()
+            old.close()
+            try:
+                self._pub = make(config)
+            except BaseException:
+                self._pub = None
+                try:
+                    self._pub = make(old.config)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    log.exception("could not reopen the bus with its previous settings")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pub is not None:
+                self._pub.close()
+                self._pub = None
+
+
 class Daemon:
     """See the module docstring."""
 
@@ -188,7 +243,7 @@ class Daemon:
         cfg = self.config
         sigs_dir = cfg.signatures.state_dir if cfg.signatures is not None else default_store_dir()
         self.active = ActiveRules(SignatureStore(sigs_dir))
-        self.bus = BusPublisher(cfg.bus)
+        self.bus = BusHandle(BusPublisher(cfg.bus))
         try:
             if cfg.metrics.enabled:
                 self.metrics_server = MetricsServer(self.metrics, cfg.metrics_address, cfg.metrics.port)
@@ -242,9 +297,14 @@ class Daemon:
             self.health("error", f"configuration reload refused, the running one is kept: {e}", "reload-refused")
             return False
         old = self.config
-        for what in ("bus", "metrics", "appliance"):
-            if getattr(new, what) != getattr(old, what):
-                log.warning("[%s] changed: takes effect at the next restart", what)
+        if new.appliance != old.appliance:
+            log.warning("[appliance] changed: takes effect at the next restart")
+        try:
+            self._move_endpoints(old, new)
+        except SvaError as e:
+            self.metrics.inc("sva_daemon_reloads_total", result="refused")
+            self.health("error", f"configuration reload refused, the running one is kept: {e}", "reload-refused")
+            return False
         self.config = new
         with self._lock:
             running = {n: w for n, w in self.workers.items() if not w.target.discovered}
@@ -277,6 +337,32 @@ class Daemon:
         self.health("ok", f"configuration reloaded: {len(new.targets)} target(s), {len(new.network)} network "
                     "source(s)", "reloaded")  # fmt: skip
         return True
+
+    def _move_endpoints(self, old: DaemonConfig, new: DaemonConfig) -> None:
+        """Rebind the bus and the metrics endpoint if their settings changed; on failure
+        the old ones are back in place and the error is raised."""
+        from sva.bus.publisher import BusPublisher
+
+        if new.bus != old.bus and self.bus is not None:
+            try:
+                self.bus.replace(BusPublisher, new.bus)
+            except (SvaError, OSError) as e:
+                raise SvaError(f"[bus]: {e}") from None
+            log.info("bus moved to %s", self.bus.endpoint, extra={"event": {"reason": "bus-moved"}})
+        if (new.metrics, new.metrics_address) != (old.metrics, old.metrics_address):
+            previous = self.metrics_server
+            if previous is not None:
+                previous.close()
+            self.metrics_server = None
+            try:
+                if new.metrics.enabled:
+                    self.metrics_server = MetricsServer(self.metrics, new.metrics_address, new.metrics.port)
+            except (SvaError, OSError) as e:
+                if old.metrics.enabled:
+                    self.metrics_server = MetricsServer(self.metrics, old.metrics_address, old.metrics.port)
+                if new.bus != old.bus and self.bus is not None:
+                    self.bus.replace(BusPublisher, old.bus)  # all or nothing
+                raise SvaError(f"[metrics]: {e}") from None
 
     # -- pieces -------------------------------------------------------------------------------
     def _start_worker(self, t: TargetConfig) -> None:
@@ -370,8 +456,11 @@ class Daemon:
         yield "sva_daemon_uptime_seconds", {}, time.time() - self.started
         bus = self.bus
         if bus is not None:
-            yield "sva_bus_latest_seq", {}, bus.latest_seq
-            yield "sva_bus_journal_bytes", {}, bus.journal.nbytes
+            try:
+                yield "sva_bus_latest_seq", {}, bus.latest_seq
+                yield "sva_bus_journal_bytes", {}, bus.journal.nbytes
+            except BusError:
+                pass  # no publisher after a failed reload: the health log says so
         if self.active is not None:
             version = str(self.active.version)
             yield "sva_signature_version", {}, float(version) if version.isdigit() else 0.0

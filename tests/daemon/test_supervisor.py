@@ -120,3 +120,83 @@ def test_run_check_and_bad_config_exit_status(tmp_path: Path) -> None:
                        timeout=60)  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "targets[1].interval: must be > 0" in r.stderr
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bus_config(bus: int, replay: int, metrics: int) -> str:
+    return f"""
+[bus]
+endpoint = "tcp://127.0.0.1:{bus}"
+replay_endpoint = "tcp://127.0.0.1:{replay}"
+journal = "journal"
+keys_dir = "keys"
+[metrics]
+port = {metrics}
+"""
+
+
+def _daemon_health(sub: BusSubscriber, reason: str, timeout: float = 20) -> Event:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ev = sub.recv(timeout=0.5)
+        if ev is not None and ev.type is EventType.HEALTH and ev.payload["details"].get("reason") == reason:
+            return ev
+    raise AssertionError(f"no daemon health event {reason!r}")
+
+
+def _metrics_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return b"sva_daemon_uptime_seconds" in r.read()
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def test_sighup_moves_the_bus_and_metrics_and_numbering_goes_on(tmp_path: Path) -> None:
+    security = make_keys(tmp_path / "keys")
+    cfg = tmp_path / "sva.toml"
+    a, m1 = (_port(), _port()), _port()
+    cfg.write_text(_bus_config(*a, m1))
+    d = Daemon(load(cfg))
+    d.start()
+    old_sub = BusSubscriber(f"tcp://127.0.0.1:{a[0]}", f"tcp://127.0.0.1:{a[1]}", security=security, since=0)
+    new_sub = None
+    try:
+        started = _daemon_health(old_sub, "started")
+        assert _metrics_up(m1)
+        b, m2 = (_port(), _port()), _port()
+        cfg.write_text(_bus_config(*b, m2))
+        assert d.reload()
+        new_sub = BusSubscriber(f"tcp://127.0.0.1:{b[0]}", f"tcp://127.0.0.1:{b[1]}", security=security,
+                                since=started.seq)  # fmt: skip
+        reloaded = _daemon_health(new_sub, "reloaded")
+        assert reloaded.seq > started.seq  # the same journal: numbering continues
+        assert _metrics_up(m2) and not _metrics_up(m1)
+        for port in (*a, m1):  # the old endpoints are released (no listener; TIME_WAIT is fine)
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen()
+        # a bus endpoint that cannot be bound: refused, the running bus and metrics stay
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        try:
+            cfg.write_text(_bus_config(blocker.getsockname()[1], _port(), _port()))
+            assert not d.reload()
+            refused = _daemon_health(new_sub, "reload-refused")
+            assert "[bus]" in refused.payload["message"] and refused.seq > reloaded.seq
+            assert _metrics_up(m2)
+            assert d.config.bus.endpoint == f"tcp://127.0.0.1:{b[0]}"
+        finally:
+            blocker.close()
+    finally:
+        old_sub.close()
+        if new_sub is not None:
+            new_sub.close()
+        d.shutdown()
