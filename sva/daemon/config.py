@@ -59,7 +59,7 @@ class ScanSettings:
     detectors: tuple[str, ...] = ()  # empty: the built-in list
     rules: tuple[Path, ...] = ()  # empty: the shipped rules/
     signatures: str = ""  # empty: the active bundle of [signatures] state_dir
-    sweep_every: int = 1
+    sweep_every: int = 8  # a full RAM sweep / module carve is spread over this many cycles
     retry: float = 2.0  # seconds between attempts to reach an unreachable VM
     gone_after: float = 60.0  # seconds a VM's socket may be missing before it counts as destroyed
     resume_paused: bool = True  # a VM found paused at attach was left so by a killed sva: resume it

@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--interval", type=float, default=5.0, help="seconds between cycle starts")
     p.add_argument("--cycles", type=int, help="stop after this many cycles")
     p.add_argument("--sweep-every", type=int, default=1, metavar="N",
-                   help="sweep all RAM for task structs and carve the module area every Nth cycle (default 1); "
-                        "in between only earlier leads are re-checked (rules/README.md, 'Pause time')")
+                   help="spread the sweep of all RAM for task structs and the module area carve over N cycles, "
+                        "1/N each (default 1: all every cycle); a hidden task or module at a new address is "
+                        "found within N cycles (rules/README.md, 'Pause time')")
     p.set_defaults(func=cmd_watch)
 
 

@@ -6,7 +6,8 @@ Facts provided (all immutable, computed inside the freeze but `module_carve`):
                   sva.symbols.isf), not volatility3's guess.
   idt_entries     tuple[IdtEntry, ...]: the 256 gates of `idt_table`.
   module_carve    ModuleCarve: every `struct module` carved from the module area, with
-                  the guest running (the slow part: about half a second on the lab)
+                  the guest running (the slow part: about half a second on the lab),
+                  optionally a slice per cycle (see ModuleCarver)
   hidden_modules  tuple[HiddenModule, ...]: `struct module`s of the carve that are not
                   on the module list at the frozen moment, re-checked in the freeze
                   (volatility3's linux.hidden_modules logic, called as a library because
@@ -25,15 +26,14 @@ from __future__ import annotations
 import enum
 import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sva.engine.facts import FactContext, FactProvider, Unavailable
-from sva.errors import ConfigError
 from sva.guest.context import GuestContext
 from sva.guest.processes import canonical
-from sva.guest.views import forget_cached_reads
+from sva.guest.views import IncrementalSweep, forget_cached_reads
 
 ADDR48 = (1 << 48) - 1
 MAX_SYSCALLS = 2048  # a table symbol claiming more is not believed
@@ -41,7 +41,8 @@ IDT_ENTRIES = 256
 GATE_SIZE = 16
 MAX_MODULES = 4096
 MAX_HIDDEN_MODULES = 256
-MODULE_SCAN_CHUNK = 256 << 10  # bytes (a multiple of the 64-byte struct module alignment)
+MODULE_ALIGN = 64  # struct module is L1-cache aligned (volatility3's carve steps by this)
+MODULE_SCAN_CHUNK = 256 << 10  # bytes carved between deadline checks (a multiple of MODULE_ALIGN)
 MAX_MODULE_AREA = 1 << 31  # bytes of module area carved at most (the scan reads it 8 bytes at a time)
 
 
@@ -201,55 +202,83 @@ def _module_area_bounds(gc: GuestContext) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class ModuleCarve:
-    """The `module_carve` fact: addresses (canonical) of every `struct module` carved from the
-    module area with the guest running, listed or not. Only leads: `hidden_modules`
-    re-checks, inside the freeze, those that are not on the module list then."""
+    """The `module_carve` fact: addresses (canonical) of `struct module`s carved from the
+    module area with the guest running, listed or not. With `ModuleCarver.every` > 1 a
+    cycle carves only part of the area (`swept` bytes; `covered` of `area` bytes of the
+    current pass so far, `pass_complete` when this cycle finished one) and the addresses
+    are those of the last complete pass plus the current one's so far. Only leads:
+    `hidden_modules` re-checks, inside the freeze, those that are not on the module list
+    then."""
 
     addresses: tuple[int, ...]
     cycle: int
     truncated: str = ""
+    swept: int = 0
+    covered: int = 0
+    area: int = 0
+    pass_complete: bool = True
+    passes: int = 0
 
 
-def carve_modules(gc: GuestContext, ctx: FactContext) -> ModuleCarve:
-    """Every struct module in the module area (volatility3's linux.hidden_modules carving
-    with no module known, so that a module unlinked after the carve is still a lead)."""
+def _carve_step(sweep: IncrementalSweep, gc: GuestContext, ctx: FactContext) -> ModuleCarve:
+    """This cycle's share of the module area carve (volatility3's linux.hidden_modules
+    carving with no module known, so that a module unlinked after the carve is still a
+    lead). The area's bounds are read each cycle: a pass follows the area as it grows."""
     from volatility3.framework.symbols.linux.utilities.modules import Modules
 
     kernel = gc.context.layers[gc.module.layer_name]
     lo, hi = _module_area_bounds(gc)
-    found: list[int] = []
-    truncated = ""
-    for start in range(lo, hi, MODULE_SCAN_CHUNK):  # in chunks, to watch the deadline
-        if ctx.time_left() <= 0:
-            truncated = f"cycle deadline reached carving modules at 0x{start:x}"
-            break
-        end = min(start + MODULE_SCAN_CHUNK, hi)
+
+    def find(start: int, end: int) -> Iterator[int]:
         for mod in Modules.get_hidden_modules(gc.context, gc.module.name, set(), (start, end)):
-            found.append(int(kernel.canonicalize(mod.vol.offset)))
-            if len(found) >= MAX_MODULES + MAX_HIDDEN_MODULES:
-                return ModuleCarve(tuple(found), ctx.cycle, f"stopped after {len(found)} modules")
-    return ModuleCarve(tuple(found), ctx.cycle, truncated)
+            yield int(kernel.canonicalize(mod.vol.offset))
+
+    step = sweep.step(lo, hi, find, ctx.time_left)
+    return ModuleCarve(
+        step.leads, ctx.cycle, step.truncated, step.swept, step.covered, step.area, step.pass_complete, step.passes
+    )
+
+
+def _module_sweep(every: int) -> IncrementalSweep:
+    return IncrementalSweep(
+        every, MODULE_SCAN_CHUNK, MAX_MODULES + MAX_HIDDEN_MODULES, "module carve", align=MODULE_ALIGN
+    )
+
+
+def carve_modules(gc: GuestContext, ctx: FactContext) -> ModuleCarve:
+    """Every struct module in the module area, carved now in one pass."""
+    return _carve_step(_module_sweep(1), gc, ctx)
 
 
 class ModuleCarver:
-    """The `module_carve` provider's state: carves every `every`-th cycle and hands out
-    the last carve in between. The trade-off of `every` > 1: carving costs CPU (never
-    pause time); between carves every earlier lead is still re-checked in each freeze,
-    so only a module that is both new and hidden waits for the next carve."""
+    """The `module_carve` provider's state: a full carve of the module area spread over
+    `every` cycles.
+
+    Each cycle carves the next 1/`every` of the area (slices and reads start on the
+    64-byte struct module alignment, so no struct module falls between two) from where
+    the last cycle stopped, and hands out the leads of the last complete pass plus those
+    of the current pass so far; with `every` = 1 each cycle is one whole carve. A new
+    guest context (reattach, reboot) starts a new pass with no leads.
+
+    The trade-off of `every` > 1: carving costs CPU (never pause time), spread evenly
+    over the cycles; every lead handed out is still re-checked in each freeze, so only a
+    module that is both new and hidden waits until the carve passes its address: within
+    one pass, `every` cycles."""
 
     def __init__(self, every: int = 1) -> None:
-        if every < 1:
-            raise ConfigError(f"module carve interval must be at least 1 cycle, not {every}")
         self.every = every
+        self.sweep = _module_sweep(every)
         self.last: ModuleCarve | None = None
         self._gc: GuestContext | None = None
 
     def compute(self, gc: GuestContext, ctx: FactContext) -> ModuleCarve:
         last = self.last
-        if last is not None and self._gc is gc and 0 <= ctx.cycle - last.cycle < self.every and not last.truncated:
-            return last
+        if self._gc is not gc:
+            self.sweep.reset()
+        elif last is not None and last.cycle == ctx.cycle and not last.truncated:
+            return last  # asked twice in one cycle
         forget_cached_reads()
-        self.last, self._gc = carve_modules(gc, ctx), gc
+        self.last, self._gc = _carve_step(self.sweep, gc, ctx), gc
         return self.last
 
 
@@ -295,9 +324,9 @@ def _fresh(fn: Callable[[GuestContext, FactContext], Any]) -> Callable[[GuestCon
 
 
 def integrity_providers(session: Any, carve_every: int = 1) -> list[FactProvider]:
-    """`syscall_table`, `idt_entries`, `module_carve` (live, every `carve_every`-th cycle:
-    see ModuleCarver), `hidden_modules` and `ftrace_hooks` (see sva.guest.ftrace) for a
-    `GuestSession`."""
+    """`syscall_table`, `idt_entries`, `module_carve` (live, a full carve spread over
+    `carve_every` cycles: see ModuleCarver), `hidden_modules` and `ftrace_hooks` (see
+    sva.guest.ftrace) for a `GuestSession`."""
     from sva.guest.ftrace import ftrace_provider
 
     carver = ModuleCarver(carve_every)

@@ -12,11 +12,12 @@ A rootkit that hides a process unlinks it from one kernel structure, rarely from
 
 All of them are taken inside the same freeze, so a task that exits meanwhile cannot make
 the views disagree. The memory scan's expensive part, the sweep of all RAM, runs before
-the freeze with the guest running (the `task_scan` fact, see TaskScanner); inside the
-freeze only its candidates and the tasks of the other views are re-read, which is
-what the view reports. Only thread-group leaders (pid == tgid) with pid > 0 are kept: the
-task list links leaders only, the other views see threads too. Tasks are identified by
-the guest-physical address of their task_struct (the scan only knows that one).
+the freeze with the guest running, optionally a slice per cycle (the `task_scan` fact,
+see TaskScanner); inside the freeze only its candidates and the tasks of the other
+views are re-read, which is what the view reports. Only thread-group leaders (pid ==
+tgid) with pid > 0 are kept: the task list links leaders only, the other views see
+threads too. Tasks are identified by the guest-physical address of their task_struct
+(the scan only knows that one).
 
 Guest memory is hostile: each walk is bounded in count (MAX_VIEW_TASKS) and watches the
 cycle deadline; a view cut short says so (`truncated`) rather than pretend to be whole.
@@ -42,7 +43,8 @@ MAX_XA_NODES = 1 << 16  # PID xarray nodes walked (64 slots each: far more than 
 XA_MAX_DEPTH = 11  # 64-bit indexes, 6 bits a level
 XA_SLOTS = 64
 SCAN_CHUNK = 16 << 20  # bytes of guest RAM searched at a time
-MIN_SCAN_SECONDS = 2.0  # the scan is skipped (Unavailable) with less cycle time left
+MAX_SCAN_CANDIDATES = MAX_VIEW_TASKS * 4  # leads a sweep pass keeps: threads and stale copies count too
+MIN_SCAN_SECONDS = 2.0  # a cycle's share of the scan is skipped (truncated) with less cycle time left
 ADDR48 = (1 << 48) - 1
 
 VIEW_NAMES = ("task_list", "pid_idr", "memory_scan", "run_queue")
@@ -241,24 +243,20 @@ def _page_offset_base(gc: GuestContext) -> int | None:
         return None
 
 
-def _scan_hits(gc: GuestContext, ctx: FactContext, needles: list[bytes]) -> Iterator[int]:
-    """Guest-physical addresses of 8-aligned occurrences of any needle (psscan's search,
-    but a regex over large reads instead of volatility3's per-page scanner)."""
-    memory = gc.context.layers[gc.context.layers[gc.module.layer_name].dependencies[0]]
-    end = int(memory.maximum_address) + 1
-    for base in range(0, end, SCAN_CHUNK):
-        if ctx.time_left() <= 0:
-            raise TimeoutError("cycle deadline reached during the task scan")
-        data = memory.read(base, min(SCAN_CHUNK, end - base), pad=True)
-        hits: list[int] = []
-        for needle in needles:  # bytes.find is far faster than a regex alternation here
-            at = data.find(needle)
-            while at >= 0:
-                if at % 8 == 0:
-                    hits.append(at)
-                at = data.find(needle, at + 1)
-        for at in sorted(hits):
-            yield base + at
+def _chunk_hits(memory: Any, base: int, size: int, needles: list[bytes]) -> list[int]:
+    """Guest-physical addresses, ascending, of 8-aligned occurrences of any needle in
+    [base, base + size) (psscan's search, but bytes.find over large reads instead of
+    volatility3's per-page scanner). `base` is 8-aligned, so an aligned 8-byte needle
+    never straddles two chunks."""
+    data = memory.read(base, size, pad=True)
+    hits: list[int] = []
+    for needle in needles:  # bytes.find is far faster than a regex alternation here
+        at = data.find(needle)
+        while at >= 0:
+            if at % 8 == 0:
+                hits.append(base + at)
+            at = data.find(needle, at + 1)
+    return sorted(hits)
 
 
 _SCHED_CLASSES: weakref.WeakKeyDictionary[GuestContext, tuple[str, ...]] = weakref.WeakKeyDictionary()
@@ -282,63 +280,187 @@ def _needles(gc: GuestContext) -> dict[bytes, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepStep:
+    """One cycle's share of an `IncrementalSweep`: the leads to hand out (the last
+    complete pass's and the current pass's so far, ascending) and how far the pass got."""
+
+    leads: tuple[int, ...]
+    truncated: str  # why this cycle's share, or the pass the leads come from, was cut short
+    swept: int  # bytes swept this cycle
+    covered: int  # bytes of the current pass swept so far; of the whole pass when pass_complete
+    area: int  # bytes of the whole area at this cycle
+    pass_complete: bool  # this cycle finished a pass (its leads are exactly that pass's)
+    passes: int  # passes finished since the sweep (re)started
+
+
+class IncrementalSweep:
+    """A sweep of an address range spread over `every` cycles.
+
+    Each cycle sweeps the next 1/`every` of [lo, hi) (rounded up to a multiple of
+    `align`, the alignment of what is looked for, so that no slice boundary cuts one)
+    from a cursor, at most `chunk` bytes at a time on a fixed grid of absolute addresses,
+    checking the deadline before each piece (a cycle cut short keeps its progress: the
+    next one goes on from there). Leads found in the current pass accumulate; when the
+    cursor reaches `hi` the pass is complete and its leads replace the previous pass's.
+    Each cycle hands out the union of the last complete pass and the current one so far,
+    so a lead is dropped only once a whole pass has gone by without it. With `every` = 1
+    every cycle is one whole pass. `lo` and `hi` are read each cycle: a pass follows an
+    area that grows (a part that appears below the cursor waits for the next pass).
+
+    Guest memory is hostile: a pass holds at most `cap` leads (one that reaches it ends
+    there, marked truncated), and the union handed out is capped too. `reset` (a new
+    guest context: reattach, reboot) forgets the cursor and every lead.
+    """
+
+    def __init__(self, every: int, chunk: int, cap: int, what: str, align: int = 8) -> None:
+        if every < 1:
+            raise ConfigError(f"{what} interval must be at least 1 cycle, not {every}")
+        if align < 1 or chunk <= 0 or chunk % align or cap < 1:
+            raise ValueError(f"{what}: bad chunk ({chunk}), alignment ({align}) or cap ({cap})")
+        self.every, self.chunk, self.cap, self.what, self.align = every, chunk, cap, what, align
+        self.reset()
+
+    def reset(self) -> None:
+        self._cursor: int | None = None  # next address of the current pass; None: a pass starts next
+        self._partial: dict[int, None] = {}  # the current pass's leads, in insertion order
+        self._covered = 0
+        self._last: tuple[int, ...] = ()  # the last complete pass's leads, ascending
+        self._last_truncated = ""
+        self.passes = 0
+
+    def _share(self, lo: int, hi: int) -> int:
+        """Bytes to sweep per cycle: a whole pass over `every` cycles, rounded up to `align`."""
+        per = -(-max(hi - lo, 0) // self.every)
+        return -(-per // self.align) * self.align
+
+    def step(
+        self,
+        lo: int,
+        hi: int,
+        find: Callable[[int, int], Iterable[int]],
+        time_left: Callable[[], float],
+        skip: str = "",
+    ) -> SweepStep:
+        """Sweep this cycle's share of [lo, hi) with `find(start, end)` (the leads in that
+        part); `skip` non-empty sweeps nothing this cycle and says why."""
+        cursor = lo if self._cursor is None else max(self._cursor, lo)
+        start, reason, capped = cursor, skip, False
+        stop = min(hi, cursor + (0 if skip else self._share(lo, hi)))
+        while cursor < stop and not reason:
+            if time_left() <= 0:
+                reason = f"cycle deadline reached during the {self.what} at 0x{cursor:x}"
+                break
+            end = min((cursor // self.chunk + 1) * self.chunk, stop)
+            for lead in find(cursor, end):
+                if len(self._partial) >= self.cap:
+                    reason, capped = f"stopped after {self.cap} {self.what} leads", True
+                    break
+                self._partial[lead] = None
+            cursor = end
+        swept = cursor - start
+        self._covered += swept
+        if cursor >= hi or capped:  # the pass is over (a capped one is cut short)
+            return self._finish_pass(swept, max(hi - lo, 0), reason, capped)
+        self._cursor = cursor
+        return self._union(swept, max(hi - lo, 0), reason)
+
+    def _finish_pass(self, swept: int, area: int, reason: str, capped: bool) -> SweepStep:
+        covered = self._covered
+        self._last = tuple(sorted(self._partial))
+        self._last_truncated = reason if capped else ""
+        self._cursor, self._partial, self._covered = None, {}, 0
+        self.passes += 1
+        return SweepStep(self._last, reason, swept, covered, area, True, self.passes)
+
+    def _union(self, swept: int, area: int, reason: str) -> SweepStep:
+        union = sorted(set(self._last).union(self._partial))
+        problems = [reason, f"last pass: {self._last_truncated}" if self._last_truncated else ""]
+        if len(union) > self.cap:
+            keep = set(self._partial)  # the current pass's leads first: they are the newest
+            keep.update(itertools.islice((a for a in self._last if a not in keep), max(self.cap - len(keep), 0)))
+            problems.append(f"{len(union) - len(keep)} leads of the last pass dropped (cap {self.cap})")
+            union = sorted(keep)
+        truncated = "; ".join(filter(None, problems))
+        return SweepStep(tuple(union), truncated, swept, self._covered, area, False, self.passes)
+
+
+@dataclass(frozen=True, slots=True)
 class TaskScan:
-    """The `task_scan` fact: guest-physical addresses of task_struct candidates, swept
-    from all of RAM with the guest running (a candidate has a `*_sched_class` pointer
-    where task_struct.sched_class is). `cycle` is the cycle that swept; a later cycle may
-    reuse a sweep (see `TaskScanner.every`). Candidates are only leads: the `memory_scan`
-    view re-reads each one inside the freeze."""
+    """The `task_scan` fact: guest-physical addresses of task_struct candidates swept from
+    RAM with the guest running (a candidate has a `*_sched_class` pointer where
+    task_struct.sched_class is). `cycle` is the cycle that handed it out. With
+    `TaskScanner.every` > 1 a cycle sweeps only part of RAM (`swept` bytes; `covered` of
+    `area` bytes of the current pass so far, `pass_complete` when this cycle finished
+    one) and the candidates are those of the last complete pass plus the current one's so
+    far. Candidates are only leads: the `memory_scan` view re-reads each one inside the
+    freeze."""
 
     candidates: tuple[int, ...]
     cycle: int
     truncated: str = ""
+    swept: int = 0
+    covered: int = 0
+    area: int = 0
+    pass_complete: bool = True
+    passes: int = 0
+
+
+def _task_scan_step(sweep: IncrementalSweep, gc: GuestContext, ctx: FactContext) -> TaskScan:
+    """This cycle's share of the RAM sweep for task_struct candidates (psscan's search;
+    done live, outside the freeze)."""
+    memory = gc.context.layers[gc.context.layers[gc.module.layer_name].dependencies[0]]
+    needles = list(_needles(gc))
+    sched_off = int(gc.module.get_type("task_struct").relative_child_offset("sched_class"))
+    skip = "no *_sched_class symbols" if not needles else ""
+    if not skip and ctx.time_left() < MIN_SCAN_SECONDS:
+        skip = "too little cycle time left to scan"
+
+    def find(start: int, end: int) -> list[int]:
+        return [hit - sched_off for hit in _chunk_hits(memory, start, end - start, needles)]
+
+    step = sweep.step(0, int(memory.maximum_address) + 1, find, ctx.time_left, skip)
+    return TaskScan(
+        step.leads, ctx.cycle, step.truncated, step.swept, step.covered, step.area, step.pass_complete, step.passes
+    )
 
 
 def sweep_for_tasks(gc: GuestContext, ctx: FactContext) -> TaskScan:
-    """Sweep RAM for task_struct candidates (psscan's search; done live, outside the freeze)."""
-    if ctx.time_left() < MIN_SCAN_SECONDS:
-        return TaskScan((), ctx.cycle, "too little cycle time left to scan")
-    needles = list(_needles(gc))
-    if not needles:
-        return TaskScan((), ctx.cycle, "no *_sched_class symbols")
-    sched_off = gc.module.get_type("task_struct").relative_child_offset("sched_class")
-    found: list[int] = []
-    truncated = ""
-    try:
-        for hit in _scan_hits(gc, ctx, needles):
-            if len(found) >= MAX_VIEW_TASKS * 4:  # threads and stale copies count too
-                truncated = f"stopped after {len(found)} candidates"
-                break
-            found.append(hit - sched_off)
-    except TimeoutError as e:
-        truncated = str(e)
-    return TaskScan(tuple(found), ctx.cycle, truncated)
+    """One whole sweep of RAM for task_struct candidates, now."""
+    return _task_scan_step(IncrementalSweep(1, SCAN_CHUNK, MAX_SCAN_CANDIDATES, "task scan"), gc, ctx)
 
 
 class TaskScanner:
-    """The `task_scan` provider's state: sweeps every `every`-th cycle and hands out the
-    last sweep in between.
+    """The `task_scan` provider's state: a full sweep of RAM spread over `every` cycles.
 
-    The trade-off of `every` > 1: the sweep costs a few hundred ms of CPU per 256 MiB of
-    guest RAM each time (never pause time: it runs with the guest running). Between two
-    sweeps the `memory_scan` view still re-reads, inside each freeze, every task the
-    other views see and every earlier candidate, so it stays exact for those; only a
-    task that appears at a new address *and* is hidden from every other view (task list,
-    PID allocator, run queues) waits for the next sweep to be found.
+    Each cycle sweeps the next 1/`every` of RAM (slices and reads start 8-aligned, so an
+    8-aligned needle never straddles two) from where the last cycle stopped, and hands out the
+    candidates of the last complete pass plus those of the current pass so far; with
+    `every` = 1 each cycle is one whole sweep. A new guest context (reattach, reboot)
+    starts a new pass with no candidates.
+
+    The trade-off of `every` > 1: a whole sweep costs a few hundred ms of CPU per 256 MiB
+    of guest RAM (never pause time: it runs with the guest running); spread out, each
+    cycle pays 1/`every` of it, so no cycle is much longer than the others. The
+    `memory_scan` view still re-reads, inside each freeze, every task the other views
+    see and every candidate handed out, so it stays exact for those; only a task that
+    appears at a new address *and* is hidden from every other view (task list, PID
+    allocator, run queues) is found once the sweep has passed its address: within one
+    pass, `every` cycles.
     """
 
     def __init__(self, every: int = 1) -> None:
-        if every < 1:
-            raise ConfigError(f"task scan interval must be at least 1 cycle, not {every}")
         self.every = every
+        self.sweep = IncrementalSweep(every, SCAN_CHUNK, MAX_SCAN_CANDIDATES, "task scan")
         self.last: TaskScan | None = None
         self._gc: GuestContext | None = None
 
     def compute(self, gc: GuestContext, ctx: FactContext) -> TaskScan:
         last = self.last
-        if last is not None and self._gc is gc and 0 <= ctx.cycle - last.cycle < self.every and not last.truncated:
-            return last
-        self.last, self._gc = sweep_for_tasks(gc, ctx), gc
+        if self._gc is not gc:
+            self.sweep.reset()
+        elif last is not None and last.cycle == ctx.cycle and not last.truncated:
+            return last  # asked twice in one cycle
+        self.last, self._gc = _task_scan_step(self.sweep, gc, ctx), gc
         return self.last
 
 
@@ -424,8 +546,8 @@ def task_views(gc: GuestContext, ctx: FactContext) -> TaskViews | Unavailable:
 
 
 def view_providers(session: Any, scan_every: int = 1) -> list[FactProvider]:
-    """`task_scan` (live, every `scan_every`-th cycle: see TaskScanner) and `task_views`
-    (frozen) for a `GuestSession`."""
+    """`task_scan` (live, a full sweep spread over `scan_every` cycles: see TaskScanner)
+    and `task_views` (frozen) for a `GuestSession`."""
     scanner = TaskScanner(scan_every)
     return [
         session.provider("task_scan", scanner.compute, consistent=False),

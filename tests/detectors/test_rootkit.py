@@ -47,12 +47,14 @@ from sva.guest.integrity import (
 )
 from sva.guest.processes import list_modules, list_processes
 from sva.guest.views import (
+    TaskScanner,
     TaskSighting,
     TaskView,
     TaskViews,
+    memory_scan_view,
     run_queue_view,
     task_list_view,
-    view_providers,
+    task_views,
 )
 from sva.vmi import open_target
 
@@ -67,14 +69,17 @@ ADDR48 = (1 << 48) - 1
 class Harness:
     """An engine with the rootkit detectors, plus RAM patching for the attacks."""
 
-    def __init__(self, guest: Any, backend: Any) -> None:
+    def __init__(self, guest: Any, backend: Any, sweep_every: int = 1) -> None:
         self.guest = guest
         self.backend = backend
         self.session = GuestSession()
         self.gc = self.session.attach(backend)
+        self.scanner = TaskScanner(sweep_every)  # view_providers' task_scan, kept to look at
         facts = FactRegistry([
             *backend_fact_providers(), *self.session.providers(),
-            *view_providers(self.session), *integrity_providers(self.session),
+            self.session.provider("task_scan", self.scanner.compute, consistent=False),
+            self.session.provider("task_views", task_views, requires=("task_scan",)),
+            *integrity_providers(self.session, sweep_every),
         ])  # fmt: skip
         self.engine = Engine(
             VmIdentity(name=guest.name, target=f"lab:{guest.name}"), rules=load_rules(default_rules_dir()),
@@ -290,6 +295,36 @@ def test_dkom_unlinked_task_is_found_and_resolves(harness) -> None:
     after = harness.cycle()
     assert alerts_of(after, "rootkit.hidden_process", "resolved"), [a.finding.title for a in after.alerts]
     assert not alerts_of(after, "rootkit.hidden_process", "new")
+
+
+@lab
+def test_dkom_unlinked_task_is_found_with_the_sweep_spread_over_cycles(harness) -> None:
+    spread = Harness(harness.guest, harness.backend, sweep_every=4)
+    try:
+        passes = [spread.cycle() for _ in range(4)]  # one whole pass, a quarter of RAM a cycle
+        assert not [a.finding.title for r in passes for a in r.alerts]
+        whole = spread.scanner.last
+        assert whole is not None and whole.pass_complete and whole.passes == 1
+        with harness.backend.frozen():
+            implant = next(p for p in list_processes(harness.gc, details=False) if p.comm == "implant")
+            node = implant.task_address + harness.offset("task_struct", "tasks")
+            nxt, prv = harness.read_u64(node), harness.read_u64(node + 8)
+            writes = [(harness.phys(prv), struct.pack("<Q", nxt)), (harness.phys(nxt + 8), struct.pack("<Q", prv))]
+            with harness.patched(writes):
+                report = spread.cycle()  # the first quarter of the next pass
+                scan = spread.scanner.last
+                # The sweep alone (no lead from the other views) has the hidden task.
+                spread.gc.begin_cycle()
+                swept_only = memory_scan_view(spread.gc, _fact_context(spread.backend), scan, seen=())
+            implant_phys = harness.phys(implant.task_address)
+        assert scan is not None and not scan.pass_complete and scan.covered == scan.area // 4
+        assert implant_phys in {t.phys_address for t in swept_only.tasks if t.pid == implant.pid}
+        hidden = alerts_of(report, "rootkit.hidden_process", "new")
+        assert [a.finding.evidence["pid"] for a in hidden] == [implant.pid], [a.finding.title for a in report.alerts]
+        assert hidden[0].finding.evidence["missing_from"] == ["task_list"]
+        assert alerts_of(spread.cycle(), "rootkit.hidden_process", "resolved")
+    finally:
+        spread.engine.close()
 
 
 def _fact_context(backend: Any) -> Any:
