@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import ipaddress
 import re
 import tomllib
@@ -59,10 +60,15 @@ class ScanSettings:
     detectors: tuple[str, ...] = ()  # empty: the built-in list
     rules: tuple[Path, ...] = ()  # empty: the shipped rules/
     signatures: str = ""  # empty: the active bundle of [signatures] state_dir
-    sweep_every: int = 8  # a full RAM sweep / module carve is spread over this many cycles
+    sweep_period: float = 40.0  # seconds per whole pass of the sweeps, spread over the cycles in it
     retry: float = 2.0  # seconds between attempts to reach an unreachable VM
     gone_after: float = 60.0  # seconds a VM's socket may be missing before it counts as destroyed
     resume_paused: bool = True  # a VM found paused at attach was left so by a killed sva: resume it
+
+    @property
+    def sweep_every(self) -> int:
+        """The cycles one pass of the sweeps is spread over: sweep_period / interval."""
+        return max(1, math.ceil(self.sweep_period / self.interval - 1e-9))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +179,7 @@ def _appliance(t: Mapping[str, Any]) -> ApplianceConfig:
     )  # fmt: skip
 
 
-_SCAN_KEYS = ("interval", "cpu_budget", "detectors", "rules", "signatures", "sweep_every", "retry", "gone_after",
+_SCAN_KEYS = ("interval", "cpu_budget", "detectors", "rules", "signatures", "sweep_period", "retry", "gone_after",
               "resume_paused")
 
 
@@ -182,9 +188,7 @@ def _scan(t: Mapping[str, Any], prefix: str, d: ScanSettings, base: Path) -> Sca
     budget = _num(t, "cpu_budget", prefix, d.cpu_budget)
     if not 0 < budget <= 1:
         raise ConfigError(f"{prefix}.cpu_budget: a fraction of one core, > 0 and <= 1, got {budget!r}")
-    sweep = _int(t, "sweep_every", prefix, d.sweep_every)
-    if sweep < 1:
-        raise ConfigError(f"{prefix}.sweep_every: must be >= 1, got {sweep}")
+    sweep = _positive(_num(t, "sweep_period", prefix, d.sweep_period), f"{prefix}.sweep_period")
     detectors = _strs(t, "detectors", prefix, d.detectors)
     if detectors:
         from sva.engine.registry import load_detectors
@@ -202,7 +206,7 @@ def _scan(t: Mapping[str, Any], prefix: str, d: ScanSettings, base: Path) -> Sca
         raise ConfigError(f"{prefix}.signatures: {sigs}: no such rule directory or bundle file")
     return ScanSettings(
         interval=_positive(interval, f"{prefix}.interval"), cpu_budget=budget, detectors=detectors, rules=rules,
-        signatures=str(_path(sigs, base)) if sigs else "", sweep_every=sweep,
+        signatures=str(_path(sigs, base)) if sigs else "", sweep_period=sweep,
         retry=_positive(_num(t, "retry", prefix, d.retry), f"{prefix}.retry"),
         gone_after=_positive(_num(t, "gone_after", prefix, d.gone_after), f"{prefix}.gone_after"),
         resume_paused=_bool(t, "resume_paused", prefix, d.resume_paused),
@@ -292,10 +296,15 @@ def default_name(uri: str) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+_RENAMED = {"sweep_every": "replaced by sweep_period, in seconds per whole pass (the old value times interval)"}
+
+
 def _known(t: Mapping[str, Any], keys: tuple[str, ...], prefix: str) -> None:
     for k in t:
         if k not in keys:
             where = f"{prefix}.{k}" if prefix else k
+            if k in _RENAMED:
+                raise ConfigError(f"{where}: {_RENAMED[k]}")
             raise ConfigError(f"{where}: unknown setting (known: {', '.join(keys)})")
 
 

@@ -64,6 +64,8 @@ def test_good_config_becomes_a_typed_tree(tmp_path: Path) -> None:
     ("[[targets]]\nuri = 'lab:x'\nrules = ['/nonexistent/rules']\n", "targets[2].rules[0]"),
     ("[[network]]\nsource = 'eth0'\n", "network[1].source"),
     ("[colour]\nx = 1\n", "colour: unknown setting"),
+    ("[[targets]]\nuri = 'lab:x'\nsweep_period = 0\n", "targets[2].sweep_period: must be > 0"),
+    ("[[targets]]\nuri = 'lab:x'\nsweep_every = 8\n", "targets[2].sweep_every: replaced by sweep_period"),
 ])  # fmt: skip
 def test_bad_values_name_the_key(tmp_path: Path, change: str, key: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -83,6 +85,14 @@ def test_bad_section_values_name_the_key(tmp_path: Path, old: str, new: str, key
     assert old in GOOD
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         _load(tmp_path, GOOD.replace(old, new, 1))
+
+
+def test_sweep_period_is_spread_over_the_cycles_it_holds(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, GOOD + "[[targets]]\nuri = 'lab:fast'\ninterval = 0.25\n"
+                "[[targets]]\nuri = 'lab:slow'\ninterval = 60\n[[targets]]\nuri = 'lab:own'\nsweep_period = 9\n")
+    every = {t.name: t.scan.sweep_every for t in cfg.targets}  # type: ignore[attr-defined]
+    # 40 s by default: 160 cycles at 4 Hz, 14 at 3 s; an interval longer than the period: every cycle
+    assert (every["fast"], every["web01"], every["slow"], every["own"]) == (160, 14, 1, 3)
 
 
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
