@@ -128,6 +128,17 @@ class SnapshotStats:
     missed: int  # of those, not in the copy (read live: the attempt was redone)
     attempts: int
     consistent: bool  # False: the cycle fell back to a classic freeze
+    reused: int = 0  # consistent facts whose pages had not changed: last cycle's value kept
+
+
+@dataclass(frozen=True)
+class _Memo:
+    """A consistent fact's value with what it was computed from (see Engine._collect_from)."""
+
+    pages: frozenset[int]
+    digest: bytes
+    value: Any
+    deps: tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -237,6 +248,8 @@ class Engine:
         self._working_set: frozenset[int] = frozenset()
         self._snapshot_registers = False
         self._spare: bytearray | None = None
+        self._memo: dict[str, _Memo] = {}  # consistent facts by name, see _collect_from
+        self._memo_boot: Any = None
         self.snapshot_stats: SnapshotStats | None = None  # how the last cycle's copy went
         self._clock = clock
         self._tracker = AlertTracker(uid_factory)
@@ -453,8 +466,7 @@ class Engine:
             with backend.overlay(snap):
                 facts.in_freeze = True
                 try:
-                    for name in consistent:
-                        facts.get(name)
+                    reused = self._collect_from(snap, facts, consistent)
                 finally:
                     facts.in_freeze = False
             self._spare = snap.data  # nothing refers to it after the overlay: facts hold copies
@@ -463,7 +475,7 @@ class Engine:
             self._snapshot_registers = registers
             self.snapshot_stats = SnapshotStats(
                 pages=len(snap.pages), touched=len(snap.touched), missed=len(snap.missed),
-                attempts=_attempt + 1, consistent=snap.consistent,
+                attempts=_attempt + 1, consistent=snap.consistent, reused=reused,
             )  # fmt: skip
             if snap.consistent:
                 return pause, True
@@ -471,6 +483,48 @@ class Engine:
             if snap.overflow:
                 break
         return pause, False
+
+    def _collect_from(self, snap: Any, facts: CycleFacts, consistent: list[str]) -> int:
+        """Compute the consistent facts from `snap`, reusing last cycle's value of a fact
+        when every page it read then has the same bytes now and the facts it requires
+        have equal values (a walk is a function of the bytes it reads, so it would give
+        the same value; kernel tables change rarely). Not for a value that also depends on
+        something else (the cycle, the clock): its provider says `reusable = False`. Nor
+        for one that read vCPU registers, read no memory, or is Unavailable. Returns how
+        many were reused."""
+        boot = facts.get(BOOT_ID_FACT) if BOOT_ID_FACT in self._facts else None
+        if boot != self._memo_boot:  # a new boot, another context: nothing carries over
+            self._memo.clear()
+            self._memo_boot = boot
+        reused = 0
+        for name in consistent:
+            if facts.computed(name):
+                continue
+            provider = self._facts.get(name)
+            if provider is None or not getattr(provider, "reusable", True):
+                facts.get(name)
+                continue
+            deps = sorted(provider_requires(provider))
+            memo = self._memo.get(name)
+            if memo is not None and all(facts.get(d) == v for d, v in memo.deps) and snap.digest(memo.pages) == memo.digest:
+                facts.reuse(name, memo.value)
+                snap.touched.update(memo.pages)  # copied again next cycle, to check them again
+                reused += 1
+                continue
+            registers = snap.register_reads
+            snap.begin_track()
+            try:
+                value = facts.get(name)
+            finally:
+                pages = snap.end_track()
+            dep_values = tuple((d, facts.get(d)) for d in deps)
+            digest = snap.digest(pages) if pages else None
+            if (digest is not None and snap.register_reads == registers and not isinstance(value, Unavailable)
+                    and not any(isinstance(v, Unavailable) for _, v in dep_values)):  # fmt: skip
+                self._memo[name] = _Memo(pages, digest, value, dep_values)
+            else:
+                self._memo.pop(name, None)
+        return reused
 
     def _identity(self, facts: CycleFacts, health: list[HealthEvent]) -> VmIdentity:
         if BOOT_ID_FACT not in self._facts:

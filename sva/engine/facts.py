@@ -24,6 +24,10 @@ backend, a lab's own view) and the detectors that use it:
   and each fact at most once per cycle (`CycleFacts`).
 - Guest memory is hostile: bound every walk (see MAX_PROCESSES) and watch
   `ctx.time_left()`.
+- A consistent fact's value must be a function of the guest memory it reads, the facts
+  it requires and the boot's symbols: the engine reuses last cycle's value when none of
+  those changed (see Engine._collect_from). A provider whose value depends on anything
+  else (the cycle number, the clock) sets `reusable = False`.
 
 Detectors see facts through a `FactView`, a read-only mapping restricted to the names the
 detector declared in `needs`.
@@ -221,6 +225,7 @@ class FactRecord:
     available: bool
     reason: str = ""
     in_freeze: bool = False
+    reused: bool = False  # the last cycle's value: every page it was computed from is unchanged
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "seconds": round(self.seconds, 6), "available": self.available}
@@ -228,6 +233,8 @@ class FactRecord:
             out["reason"] = self.reason
         if self.in_freeze:
             out["in_freeze"] = True
+        if self.reused:
+            out["reused"] = True
         return out
 
 
@@ -328,6 +335,13 @@ class CycleFacts:
 
     def records(self) -> tuple[FactRecord, ...]:
         return tuple(self._records.values())
+
+    def reuse(self, name: str, value: Any, seconds: float = 0.0) -> None:
+        """Take `value` for fact `name` this cycle without computing it (the engine does
+        this when the memory it was computed from did not change)."""
+        self._values[name] = value
+        self._records[name] = FactRecord(name, seconds, not isinstance(value, Unavailable), "", self.in_freeze,
+                                         reused=True)  # fmt: skip
 
     def names(self) -> frozenset[str]:
         """The facts computed so far."""

@@ -11,7 +11,7 @@ What a scenario starts is in `sva.lab.scenarios` (e.g. `scenarios.INFECTED`).
 """
 
 from sva.lab import scenarios
-from sva.lab.guest import GuestProcess, LabGuest, down, exec_in, get, list_guests, ps, up
+from sva.lab.guest import GuestProcess, LabGuest, down, exec_in, get, list_guests, ps, reset, up
 from sva.lab.serial import ExecResult
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "get",
     "list_guests",
     "ps",
+    "reset",
     "scenarios",
     "up",
 ]

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sva.errors import LabError
+from sva.errors import LabError, SvaError
 from sva.lab import initramfs, initscript, machine, scenarios, serial
 from sva.lab import kernel as kernels
 from sva.lab.machine import RunFiles
@@ -212,7 +212,7 @@ def up(
             if old and old.is_running():
                 raise LabError(f"lab {name} is already running (qemu pid {old.pid}); run `sva lab down {name}` first")
             _remove_rundir(rundir)  # a lab whose qemu died: its leftovers go
-        for sock in (files.qmp, files.serial, files.mirror):
+        for sock in (files.qmp, files.control, files.serial, files.mirror):
             check_socket_path(sock)
         labs_dir().mkdir(parents=True, exist_ok=True)
         rundir.mkdir(mode=0o700)
@@ -375,6 +375,24 @@ def down(name: str) -> bool:
         stopped = _stop(pid, files.qmp, name) if pid else False
         _remove_rundir(rundir)
         return stopped
+
+
+def reset(name: str) -> None:
+    """Reset lab guest `name` in place, like the reset button: the same QEMU and RAM file,
+    a new boot of its kernel and scenario (through the lab's control monitor, so it works
+    while sva holds the guest's QMP socket)."""
+    from sva.vmi.qmp import QmpClient
+
+    guest = get(name)
+    if not guest.is_running():
+        raise LabError(f"lab {name} is not running")
+    control = RunFiles(lab_dir(name)).control
+    try:
+        with QmpClient(str(control), timeout=10) as qmp:
+            qmp.execute("set-action", {"reboot": "reset"})  # -no-reboot would make a reset exit QEMU
+            qmp.execute("system_reset")
+    except SvaError as e:
+        raise LabError(f"lab {name}: cannot reset through {control}: {e}") from None
 
 
 def exec_in(name: str, command: str, timeout: float = 30.0) -> ExecResult:

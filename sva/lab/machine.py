@@ -53,6 +53,12 @@ class RunFiles:
         return self.rundir / "qmp.sock"
 
     @property
+    def control(self) -> Path:
+        """A second QMP monitor for the lab's own use (`lab.reset`): the first one is
+        whoever watches the guest's (sva's), and a QMP socket serves one client at a time."""
+        return self.rundir / "control.sock"
+
+    @property
     def serial(self) -> Path:
         return self.rundir / "serial.sock"
 
@@ -125,6 +131,7 @@ def command(
         f"socket,id=serial0,path={qemu_opt(files.serial)},server=on,wait=off,logfile={qemu_opt(files.console_log)}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{qemu_opt(files.qmp)},server=on,wait=off",
+        "-qmp", f"unix:{qemu_opt(files.control)},server=on,wait=off",
         "-netdev", f"user,id=net0,restrict=on,guestfwd=tcp:{c2_ip}:{c2_port}-chardev:c2",
         "-chardev", f"file,id=c2,path={qemu_opt(files.c2_log)}",
         # romfile= : no iPXE option ROM, which only slows down a -kernel boot.

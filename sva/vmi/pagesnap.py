@@ -21,8 +21,11 @@ guest runs, and a hostile guest cannot make it grow beyond `MAX_SNAPSHOT_PAGES`.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import xxhash
 
 from sva.vmi.base import Registers
 
@@ -32,6 +35,9 @@ PAGE_MASK = PAGE_SIZE - 1
 # A walk touching more pages than this is not worth copying (128 MiB): the engine freezes
 # the guest for it instead. Bounds the copy a guest can make the appliance allocate.
 MAX_SNAPSHOT_PAGES = 32768
+# The digests' seed, secret to this process: a guest that knew it could craft a change that
+# keeps a page's hash (XXH3 is fast, not cryptographic); it never sees the digests.
+_SEED = secrets.randbits(64)
 
 
 @dataclass(eq=False)
@@ -45,6 +51,8 @@ class PageSnapshot:
     missed: set[int] = field(default_factory=set)
     registers_missed: bool = False
     overflow: bool = False  # reads touched more than MAX_SNAPSHOT_PAGES pages
+    register_reads: int = 0
+    _tracks: list[set[int]] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
@@ -71,6 +79,8 @@ class PageSnapshot:
                 touched.add(pfn)
                 if len(touched) > MAX_SNAPSHOT_PAGES:
                     self.overflow = True
+            if self._tracks:
+                self._tracks[-1].add(pfn)
             off = pages.get(pfn)
             if off is None:
                 self.missed.add(pfn)
@@ -80,7 +90,31 @@ class PageSnapshot:
             pos += take
         return n
 
+    def begin_track(self) -> None:
+        """Start recording the pages read from here on (nested: an inner record's pages
+        count for the outer one too); `end_track` returns them."""
+        self._tracks.append(set())
+
+    def end_track(self) -> frozenset[int]:
+        pages = self._tracks.pop()
+        if self._tracks:
+            self._tracks[-1] |= pages
+        return frozenset(pages)
+
+    def digest(self, pfns: Iterable[int]) -> bytes | None:
+        """A hash of the copied bytes of `pfns` (None if one of them was not copied): two
+        copies with equal digests for the pages a walk read give that walk equal bytes."""
+        h = xxhash.xxh3_128(seed=_SEED)
+        view = memoryview(self.data)
+        for pfn in sorted(pfns):
+            off = self.pages.get(pfn)
+            if off is None:
+                return None
+            h.update(view[off : off + PAGE_SIZE])
+        return h.digest()
+
     def register(self, vcpu: int, live: Callable[[int], Registers]) -> Registers:
+        self.register_reads += 1
         r = self.registers.get(vcpu)
         if r is None:
             self.registers_missed = True

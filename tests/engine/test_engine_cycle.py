@@ -232,7 +232,8 @@ def test_consistent_facts_are_computed_inside_the_freeze_and_detectors_after(pau
         states.extend([f["task_list"], f["config"], "paused" if pausable.paused else "running"])
         return []
 
-    eng = make_engine([detector("d", look, needs={"task_list", "config"})], [in_freeze, after], backend=pausable)
+    eng = make_engine([detector("d", look, needs={"task_list", "config"})], [in_freeze, after], backend=pausable,
+                      snapshot_attempts=0)  # the classic freeze (short-pause copies: below)  # fmt: skip
     report = eng.run_cycle()
     assert states == ["paused", "running", "running"]
     assert pausable.log == ["pause", "resume"]
@@ -256,7 +257,8 @@ def test_live_prerequisites_of_frozen_facts_run_before_the_freeze(pausable: Paus
     # Reads a frozen fact itself, so it cannot run before the freeze.
     derived = Counting("derived", fn=record("derived", "views"), requires={"views"})
     recheck = Counting("recheck", fn=record("recheck", "derived"), consistent=True, requires={"derived"})
-    eng = make_engine([detector("d", needs={"views", "recheck"})], [sweep, derived, views, recheck], backend=pausable)
+    eng = make_engine([detector("d", needs={"views", "recheck"})], [sweep, derived, views, recheck], backend=pausable,
+                      snapshot_attempts=0)  # fmt: skip
     assert eng.live_prerequisites(["views", "recheck"]) == ["ram_sweep"]
     report = eng.run_cycle()
     assert seen["ram_sweep"] == ("running", [], None)  # before the pause
@@ -267,6 +269,45 @@ def test_live_prerequisites_of_frozen_facts_run_before_the_freeze(pausable: Paus
     assert next(iter(records)) == "ram_sweep" and not records["ram_sweep"].in_freeze
     assert records["views"].in_freeze and records["recheck"].in_freeze
     assert pausable.log == ["pause", "resume"]
+
+
+def test_consistent_facts_from_short_pause_copies_and_reused_while_their_pages_hold(
+    pausable: PausableSnapshot,
+) -> None:
+    """The walk runs with the guest running, on a copy taken in a short pause; redone from a
+    bigger copy when it read outside the copy; its value reused while its pages are equal."""
+    seen: list[tuple[bool, bool, bytes]] = []
+
+    def walk(ctx: Any) -> bytes:
+        data = ctx.backend.read(0x3000, 16) + ctx.backend.read(0x5FF8, 16)  # 3 pages
+        seen.append((ctx.backend.paused, ctx.backend._overlay is not None, data))
+        return data
+
+    table = Counting("kernel_table", fn=walk, consistent=True)
+    other = Counting("task_list", fn=lambda ctx: ctx.backend.read(0x9000, 8) and ctx.cycle, consistent=True)
+    other.reusable = False  # type: ignore[attr-defined]  # its value is not only a function of memory
+    eng = make_engine([detector("d", needs={"kernel_table", "task_list"})], [table, other], backend=pausable)
+    first = eng.run_cycle()
+    # nothing copied yet: the first try read live (misses), the second read only the copy
+    assert pausable.log == ["pause", "resume", "pause", "resume"]
+    assert [(p, o) for p, o, _ in seen] == [(False, True), (False, True)]
+    assert eng.snapshot_stats.attempts == 2 and eng.snapshot_stats.consistent  # type: ignore[union-attr]
+    assert eng.snapshot_stats.touched == 4 and first.pause_seconds is not None  # type: ignore[union-attr]
+    assert all(r.in_freeze for r in first.facts)
+    pausable.log.clear()
+    second = eng.run_cycle()
+    assert pausable.log == ["pause", "resume"] and table.calls == 2  # reused: its pages did not change
+    assert {r.name: r.reused for r in second.facts} == {"kernel_table": True, "task_list": False}
+    assert eng.snapshot_stats.reused == 1  # type: ignore[union-attr]
+    # the guest writes one byte of a page the walk read (this test plays the guest)
+    with open(pausable.path, "r+b") as f:
+        f.seek(0x5FFF)
+        old = f.read(1)
+        f.seek(0x5FFF)
+        f.write(bytes([old[0] ^ 0xFF]))
+    third = eng.run_cycle()
+    assert table.calls == 3 and not {r.name: r.reused for r in third.facts}["kernel_table"]
+    assert seen[-1][2] != seen[0][2]
 
 
 def test_no_freeze_when_no_enabled_detector_needs_a_consistent_fact(pausable: PausableSnapshot) -> None:

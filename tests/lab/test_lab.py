@@ -304,3 +304,27 @@ def test_user_kernel_extra_tree_and_a_qemu_that_died(lab_guest: lab.LabGuest, tm
 )
 def test_cli_bad_input_is_one_line(args: tuple[str, ...], needle: str) -> None:
     assert_one_line_error(sva("lab", *args), needle)
+
+
+@pytest.mark.lab
+def test_reset_reboots_in_place_while_the_qmp_socket_is_held() -> None:
+    from sva.vmi.qmp import QmpClient
+
+    name = f"rst{os.getpid()}"
+    g = lab.up(name, scenario="clean")
+    boot_id = "cat /proc/sys/kernel/random/boot_id"
+    try:
+        before = lab.exec_in(name, boot_id).output.strip()
+        with QmpClient(g.qmp_path, timeout=5) as held:  # as sva holds it
+            lab.reset(name)
+            deadline = time.monotonic() + 120
+            after = before
+            while (after == before or len(after) != 36) and time.monotonic() < deadline:
+                with contextlib.suppress(LabError):
+                    after = lab.exec_in(name, boot_id, timeout=10).output.strip()
+                time.sleep(0.5)
+            assert len(before) == 36 and after != before and len(after) == 36, (before, after)
+            assert held.execute("query-status")["status"] == "running"  # the same QEMU
+        assert lab.get(name).pid == g.pid and lab.get(name).is_running()
+    finally:
+        lab.down(name)
