@@ -61,6 +61,7 @@ class ScanSettings:
     rules: tuple[Path, ...] = ()  # empty: the shipped rules/
     signatures: str = ""  # empty: the active bundle of [signatures] state_dir
     sweep_period: float = 40.0  # seconds per whole pass of the sweeps, spread over the cycles in it
+    yara_period: float = 2.0  # at least this many seconds between two YARA scans of all RAM
     retry: float = 2.0  # seconds between attempts to reach an unreachable VM
     gone_after: float = 60.0  # seconds a VM's socket may be missing before it counts as destroyed
     resume_paused: bool = True  # a VM found paused at attach was left so by a killed sva: resume it
@@ -179,8 +180,8 @@ def _appliance(t: Mapping[str, Any]) -> ApplianceConfig:
     )  # fmt: skip
 
 
-_SCAN_KEYS = ("interval", "cpu_budget", "detectors", "rules", "signatures", "sweep_period", "retry", "gone_after",
-              "resume_paused")
+_SCAN_KEYS = ("interval", "cpu_budget", "detectors", "rules", "signatures", "sweep_period", "yara_period", "retry",
+              "gone_after", "resume_paused")
 
 
 def _scan(t: Mapping[str, Any], prefix: str, d: ScanSettings, base: Path) -> ScanSettings:
@@ -189,6 +190,9 @@ def _scan(t: Mapping[str, Any], prefix: str, d: ScanSettings, base: Path) -> Sca
     if not 0 < budget <= 1:
         raise ConfigError(f"{prefix}.cpu_budget: a fraction of one core, > 0 and <= 1, got {budget!r}")
     sweep = _positive(_num(t, "sweep_period", prefix, d.sweep_period), f"{prefix}.sweep_period")
+    yara_period = _num(t, "yara_period", prefix, d.yara_period)
+    if yara_period < 0:
+        raise ConfigError(f"{prefix}.yara_period: must be >= 0 (0: every cycle), got {yara_period:g}")
     detectors = _strs(t, "detectors", prefix, d.detectors)
     if detectors:
         from sva.engine.registry import load_detectors
@@ -206,7 +210,7 @@ def _scan(t: Mapping[str, Any], prefix: str, d: ScanSettings, base: Path) -> Sca
         raise ConfigError(f"{prefix}.signatures: {sigs}: no such rule directory or bundle file")
     return ScanSettings(
         interval=_positive(interval, f"{prefix}.interval"), cpu_budget=budget, detectors=detectors, rules=rules,
-        signatures=str(_path(sigs, base)) if sigs else "", sweep_period=sweep,
+        signatures=str(_path(sigs, base)) if sigs else "", sweep_period=sweep, yara_period=yara_period,
         retry=_positive(_num(t, "retry", prefix, d.retry), f"{prefix}.retry"),
         gone_after=_positive(_num(t, "gone_after", prefix, d.gone_after), f"{prefix}.gone_after"),
         resume_paused=_bool(t, "resume_paused", prefix, d.resume_paused),

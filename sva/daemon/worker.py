@@ -276,7 +276,7 @@ class VmWorker:
                 self._resume_if_paused(backend)
             engine, _session = assemble_engine(
                 self.target.uri, backend, [self._sink], vm_name=self.name, rules=[str(r) for r in scan.rules],
-                detectors=list(scan.detectors) or None, signature_scan=YaraMemoryScan(rules=rules),
+                detectors=list(scan.detectors) or None, signature_scan=YaraMemoryScan(rules=rules, min_interval=scan.yara_period),
                 sweep_every=scan.sweep_every, signature_bundle=self._sig_version,
             )  # fmt: skip
         except BaseException:

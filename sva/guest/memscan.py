@@ -513,13 +513,21 @@ class YaraMemoryScan:
     `rules` is a callable returning the rule set in force (e.g. the signature bundle's
     current one; by default the built-in bundle, compiled once). `last_report` is the last
     cycle's ScanReport (timings, pages rescanned, problems) for reports and benchmarks.
+
+    `min_interval` (seconds): a cycle less than this after the last scan hands out the last
+    report instead of scanning (each scan hashes all of RAM, about 20 ms per 256 MiB, which
+    adds up at several cycles a second); `yara_matches` still re-reads every hit each
+    cycle. A new rule set, a new context or a scan with problems always scans again.
     """
 
     rules: Callable[[], CompiledRuleSet] | None = None
     scanner: IncrementalScanner | None = None
     last_report: ScanReport | None = None
     last_seconds: dict[str, float] = field(default_factory=dict)
+    min_interval: float = 0.0
     _default: CompiledRuleSet | None = None
+    _last_at: float = 0.0
+    _last_backend: Any = None
 
     def current_rules(self) -> CompiledRuleSet:
         if self.rules is not None:
@@ -537,7 +545,11 @@ class YaraMemoryScan:
         rules = self.current_rules()
         if self.scanner is None or self.scanner.rules.fingerprint != rules.fingerprint:
             self.scanner = IncrementalScanner(rules)
+        elif (self.min_interval > 0 and self.last_report is not None and self._last_backend is gc.backend
+              and not self.last_report.problems and time.monotonic() - self._last_at < self.min_interval):  # fmt: skip
+            return self.last_report
         t0 = time.perf_counter()
+        self._last_at, self._last_backend = time.monotonic(), gc.backend
         report = self.scanner.cycle(gc.backend)
         self.last_report = report
         self.last_seconds = {"scan": time.perf_counter() - t0}

@@ -66,6 +66,7 @@ def test_good_config_becomes_a_typed_tree(tmp_path: Path) -> None:
     ("[colour]\nx = 1\n", "colour: unknown setting"),
     ("[[targets]]\nuri = 'lab:x'\nsweep_period = 0\n", "targets[2].sweep_period: must be > 0"),
     ("[[targets]]\nuri = 'lab:x'\nsweep_every = 8\n", "targets[2].sweep_every: replaced by sweep_period"),
+    ("[[targets]]\nuri = 'lab:x'\nyara_period = -1\n", "targets[2].yara_period: must be >= 0"),
 ])  # fmt: skip
 def test_bad_values_name_the_key(tmp_path: Path, change: str, key: str) -> None:
     with pytest.raises(ConfigError) as e:
