@@ -7,7 +7,7 @@ through `session.context_for(ctx)`; they return immutable values, as the fact co
 requires, because detectors run after the guest is thawed.
 
 Facts provided here:
-  boot_id          str: banner hash + KASLR placement of this boot
+  boot_id          str: hash of the banner, the KASLR placement and pid 1's start time
   processes        tuple[ProcessInfo, ...] from the kernel's task list (with argv, exe)
   kernel_modules   tuple[KernelModule, ...] from the kernel's module list
 Detector authors add providers of their own with `session.provider(name, fn)`, where
@@ -57,11 +57,13 @@ class GuestSession:
         return self._gc
 
     def boot_id(self, ctx: FactContext) -> str:
+        """The kernel build and its placement in RAM, and the start time of the first
+        task after init_task (pid 1): a reset that happens to place the kernel where the
+        last boot did still gets a new id (nanoseconds since boot differ from boot to boot)."""
         gc = self.context_for(ctx)
-        if self._boot_id is None:
-            p = gc.placement
-            raw = f"{p.banner}|{p.virtual_slide:x}|{p.phys_base:x}".encode()
-            self._boot_id = hashlib.sha256(raw).hexdigest()[:16]
+        p = gc.placement
+        raw = f"{p.banner}|{p.virtual_slide:x}|{p.phys_base:x}|{_first_task_start(gc)}".encode()
+        self._boot_id = hashlib.sha256(raw).hexdigest()[:16]
         return self._boot_id
 
     def provider(
@@ -99,6 +101,23 @@ def release_resident(backend: Any) -> None:
     release = getattr(backend, "release_resident", None)
     if release is not None:
         release()
+
+
+def _first_task_start(gc: GuestContext) -> int | None:
+    """start_time of the task after init_task on the task list (None before there is one
+    or when it cannot be read): fixed for a boot."""
+    from sva.guest.processes import ADDRESS_MASK, TaskLayout
+
+    try:
+        lay = TaskLayout.from_isf(gc.isf, gc.placement.virtual_slide)
+        layer = gc.context.layers[gc.module.layer_name]
+        head = (lay.init_task + lay.tasks) & ADDRESS_MASK
+        link = int.from_bytes(layer.read(head, 8), "little") & ADDRESS_MASK
+        if link == head:
+            return None
+        return int.from_bytes(layer.read((link - lay.tasks + lay.start_time) & ADDRESS_MASK, 8), "little")
+    except Exception:  # noqa: BLE001 - early boot or a broken list: the placement alone identifies it
+        return None
 
 
 __all__ = ["GuestSession", "place_kernel", "release_resident"]
