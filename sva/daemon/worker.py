@@ -198,6 +198,7 @@ class VmWorker:
             self._stop.wait(self.target.scan.retry)
             return
         took = time.monotonic() - t0
+        self._release_mapping()
         self.cycles += 1
         m, vm = self._metrics, self.name
         m.inc("sva_vm_cycles_total", vm=vm)
@@ -235,6 +236,17 @@ class VmWorker:
             return
         self._budget(took, interval, budget)
         self._stop.wait(max(0.0, max(interval, took / budget) - took))
+
+    def _release_mapping(self) -> None:
+        """The guest RAM pages this cycle's sweeps mapped count in the daemon's RSS until
+        dropped; dropping costs ~2 ms per fully mapped 256 MiB and the next sweep's page
+        faults ~10 ms, against ~1 s for the sweep itself."""
+        from sva.guest.facts import release_resident
+
+        try:
+            release_resident(self._backend)
+        except SvaError as e:
+            log.debug("%s: %s", self.name, e)
 
     def _budget(self, took: float, interval: float, budget: float) -> None:
         over = took / budget > interval

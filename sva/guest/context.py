@@ -6,11 +6,20 @@ reads. The kernel's page tables (DTB) come from the symbol table's `init_top_pgt
 with this boot's KASLR slide and physical base, and are cross-checked against the live
 CR3 when the backend has registers: the kernel half of the top-level table must be the
 same (CR3 may hold a user process's tables, or the user copy under PTI).
+
+The loaded symbol table (the parsed ISF, ~70 MB of dicts, plus volatility3's symbol cache
+and address index, ~70 MB more for a Debian kernel) is shared by every GuestContext of the
+process that uses the same ISF file: the daemon's workers watching VMs that run the same
+kernel build pay for it once (see `shared_kernel_table`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,24 +131,19 @@ class GuestContext:
         from volatility3 import framework
         from volatility3.framework import contexts
         from volatility3.framework.layers import intel
-        from volatility3.framework.symbols import linux
 
         framework.require_interface_version(2, 0, 0)
         self.backend = backend
         self.symbol_table: SymbolTable | None = None  # where the table came from, set by attach
         ctx = contexts.Context()
         ctx.add_layer(BackendLayer(ctx, "sva.memory", PHYSICAL_LAYER, backend))
-        # validate=False: the table was checked against volatility3's schema when built;
-        # validating a kernel-sized table again costs tens of seconds per attach.
-        # symbol_mask: the Intel layer hands out 48-bit addresses, so symbol lookups must
-        # mask the same way (volatility3's automagic does this too). It goes into the config
-        # before the table exists, because the table caches symbols while it is built.
-        ctx.config["sva.symbols.symbol_mask"] = (1 << 48) - 1
-        table = linux.LinuxKernelIntermedSymbols(
-            ctx, "sva.symbols", name=KERNEL_MODULE, isf_url=isf_path, validate=False,
-            symbol_mask=(1 << 48) - 1,
-        )
+        table = shared_kernel_table(isf_path)
+        # The table lives in a context of its own (see shared_kernel_table); this context's
+        # configuration says the same, for plugins that read a table's settings from it.
+        ctx.config[f"{TABLE_CONFIG_PATH}.isf_url"] = isf_path
+        ctx.config[f"{TABLE_CONFIG_PATH}.symbol_mask"] = SYMBOL_MASK
         ctx.symbol_space.append(table)
+        self.kernel_table = table  # holds the shared table for as long as this context lives
         # The parsed table, shared with volatility3 rather than read a second time: placement
         # and the raw task walk's offsets come from it.
         self.isf: dict[str, Any] = _table_json(table, isf_path)
@@ -156,6 +160,8 @@ class GuestContext:
         module = ctx.module(KERNEL_MODULE, KERNEL_LAYER, offset=placement.virtual_slide)
         self.context = ctx
         self.module = module
+        self._base_layers = frozenset(ctx.layers)
+        self._base_config = frozenset(ctx.config)  # the module's own is under `temporary.` too
 
     @classmethod
     def attach(
@@ -193,8 +199,128 @@ class GuestContext:
             vmlinux.get_symbols_by_absolute_location(vmlinux.get_symbol("_stext").address + vmlinux.offset)
 
     def begin_cycle(self) -> None:
-        """Forget cached page tables: the guest ran since the last cycle."""
+        """Forget cached page tables: the guest ran since the last cycle; and drop the
+        per-process layers the last cycle added."""
         clear_translation_caches()
+        self._drop_cycle_layers()
+
+    def _drop_cycle_layers(self) -> None:
+        """volatility3's task_struct.add_process_layer adds a layer (and its configuration
+        under `temporary.`) on every call for a new task object, which is every cycle: kept,
+        they would pile up in a context that lives for the guest's whole boot. The name it
+        returns is cached per task object, and a new cycle's task objects are new."""
+        layers, config = self.context.layers, self.context.config
+        for name in [n for n in layers if n not in self._base_layers]:
+            layers.del_layer(name)
+        for key in [k for k in config if k.startswith(f"{TEMPORARY_CONFIG}.") and k not in self._base_config]:
+            del config[key]
+
+
+TABLE_CONFIG_PATH = "sva.symbols"
+TEMPORARY_CONFIG = "temporary"  # where volatility3 configures the layers it adds on the fly
+# The Intel layer hands out 48-bit addresses, so symbol lookups mask the same way
+# (volatility3's automagic does this too).
+SYMBOL_MASK = (1 << 48) - 1
+
+# ISF file identity -> the loaded table, for as long as some GuestContext holds it.
+_TABLES: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
+# Held while a table is looked up or built: a second worker attaching to a VM of the same
+# kernel waits for the first one's table instead of loading a copy of its own. Builds of
+# different kernels wait for each other too (loading is GIL-bound, little is lost).
+_TABLES_LOCK = threading.Lock()
+
+
+def _table_key(isf_url: str) -> tuple[Any, ...]:
+    """The ISF file's identity: a file rewritten in place (same name) is a new table."""
+    from urllib.parse import unquote, urlparse
+
+    url = urlparse(isf_url)
+    if url.scheme not in ("", "file"):
+        return (isf_url,)
+    path = unquote(url.path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SymbolsError(path, f"cannot read the symbol table: {e.strerror}") from None
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def shared_kernel_table(isf_url: str) -> Any:
+    """The loaded volatility3 table of the kernel ISF at `isf_url`, one per file per process.
+
+    Every GuestContext of the same kernel build appends this one instance to its own symbol
+    space; it is dropped when the last of them is gone (a weak cache entry), so a kernel
+    upgrade does not keep the old table. Sharing is sound because the table reads nothing
+    from a guest: it is built in a private context that holds only its configuration (the
+    symbol mask), templates hold no context (objects are built from them with the caller's),
+    and each context keeps its own resolved-type cache. What the table caches itself (symbols,
+    the address index) is filled lazily; two threads filling it at once at worst build the
+    same entry twice, both equal. A cached symbol's type template is resolved in place by
+    the first context that asks (volatility3 replaces its references with that context's
+    resolved types): the same types of the same table, whichever context did it. Its
+    `clear_symbol_cache` is a no-op, so no worker can empty the cache under another's lookup.
+    """
+    key = _table_key(isf_url)
+    with _TABLES_LOCK:
+        table = _TABLES.get(key)
+        if table is None:
+            table = _build_kernel_table(isf_url)
+            _TABLES[key] = table
+        return table
+
+
+def loaded_kernel_tables() -> list[str]:
+    """The ISF files (paths or URLs) whose tables are loaded now, for metrics and tests."""
+    with _TABLES_LOCK:
+        return sorted(str(key[0]) for key in list(_TABLES))
+
+
+@functools.cache
+def _shared_table_class() -> type:
+    from volatility3.framework.symbols import linux
+
+    class SharedLinuxKernelSymbols(linux.LinuxKernelIntermedSymbols):  # type: ignore[misc]
+        """A kernel table shared by several contexts: its symbol cache is never cleared
+        (it depends only on the ISF and the mask), so a lookup in one worker cannot lose
+        an entry to a clear from another."""
+
+        def clear_symbol_cache(self) -> None:
+            return None
+
+        def get_symbols_by_location(self, offset: int, size: int = 0) -> Any:
+            # volatility3 builds its address index with get_symbol() on every symbol, which
+            # fills the symbol cache with ~80k symbol objects and their type templates
+            # (~50 MB, 1.5 s); the same (address, name) index straight from the ISF is ~8 MB.
+            if not self._sort_symbols:
+                index = _address_index(self._delegate._json_object, self.config.get("symbol_mask", 0))
+                self._sort_symbols: list[tuple[int, str]] = index
+            return super().get_symbols_by_location(offset, size)
+
+    return SharedLinuxKernelSymbols
+
+
+def _address_index(isf: dict[str, Any], mask: int) -> list[tuple[int, str]]:
+    """(address, name) of every symbol with an address, sorted, masked like get_symbol()."""
+    out: list[tuple[int, str]] = []
+    for name, sym in isf.get("symbols", {}).items():
+        address = sym.get("address") if isinstance(sym, dict) else None
+        if isinstance(address, int):
+            out.append((address & mask if mask else address, name))
+    out.sort()
+    return out
+
+
+def _build_kernel_table(isf_url: str) -> Any:
+    from volatility3.framework import contexts
+
+    holder = contexts.Context()
+    # Into the configuration before the table exists: the table caches symbols while it is built.
+    holder.config[f"{TABLE_CONFIG_PATH}.symbol_mask"] = SYMBOL_MASK
+    # validate=False: the table was checked against volatility3's schema when built;
+    # validating a kernel-sized table again costs tens of seconds per attach.
+    return _shared_table_class()(
+        holder, TABLE_CONFIG_PATH, name=KERNEL_MODULE, isf_url=isf_url, validate=False, symbol_mask=SYMBOL_MASK
+    )
 
 
 def _table_json(table: Any, isf_path: str) -> dict[str, Any]:

@@ -373,6 +373,29 @@ class MappedBackend:
         finally:
             self._overlay = None
 
+    def release_resident(self) -> bool:
+        """Unmap from this process the RAM pages bulk scans faulted in; the next access
+        faults them in again, with the same bytes. False when there is nothing to release.
+
+        The mapping is a read-only MAP_SHARED view of the guest's RAM file: MADV_DONTNEED
+        only drops this process's page-table entries for it. The pages stay in the file
+        (they are the guest's memory, owned by QEMU) and nothing is written anywhere; but
+        as long as they are mapped here they count in this process's RSS (RssFile or
+        RssShmem), a whole guest's RAM after one full scan. A device mapping (an ivshmem
+        BAR) refuses the advice with EINVAL; its pages never count in RSS.
+        """
+        if self._closed or self._mmap is None:
+            return False
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise TargetError(self.target, f"cannot release the RAM mapping of {self.path}: {e.strerror}") from None
+        except ValueError as e:  # the mapping was closed under us
+            raise TargetError(self.target, f"cannot release the RAM mapping of {self.path}: {e}") from None
+        return True
+
     # -- vCPU and execution control (overridden by live backends) ---------------
     @property
     def vcpu_count(self) -> int:
