@@ -200,3 +200,11 @@ def test_sighup_moves_the_bus_and_metrics_and_numbering_goes_on(tmp_path: Path) 
         if new_sub is not None:
             new_sub.close()
         d.shutdown()
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sva.daemon.cli import limit_malloc_arenas
+
+    assert limit_malloc_arenas() is True  # glibc (Debian): mallopt accepted the cap
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the admin's setting is left alone
