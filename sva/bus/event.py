@@ -2,7 +2,7 @@
 
 A bus message is two frames, `[topic, json]`. The JSON is the envelope:
 
-    {"schema_version": "1.0", "id": UUID, "seq": N, "time": RFC 3339 UTC,
+    {"schema_version": "1.1", "id": UUID, "seq": N, "time": RFC 3339 UTC,
      "type": "alert"|"health"|"sigs"|"heartbeat", "topic": same as frame 0, "payload": {...}}
 
 Topics are dot-separated so ZeroMQ prefix subscriptions select a subtree:
@@ -31,7 +31,7 @@ import orjson
 
 from sva.errors import BusError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 """Envelope/payload schema version. Minor versions only add optional fields."""
 
 TOPIC_ROOT = "sva."

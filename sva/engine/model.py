@@ -267,6 +267,8 @@ class Alert:
                 proc["cmdline"] = p.cmdline[:MAX_CMDLINE]
             if p.exe:
                 proc["path"] = p.exe
+            if p.start_time is not None:
+                proc["start_time"] = p.start_time  # ns since the guest booted
             out["process"] = proc
         return out
 

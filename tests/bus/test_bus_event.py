@@ -156,7 +156,7 @@ def test_event_decode_refuses_malformed_messages() -> None:
         (b"{not json", None, "not JSON"),
         (b"[1]", None, "not a JSON object"),
         (b'{"seq": 1}', None, "lacks envelope field"),
-        (ev.encode().replace(b'"1.0"', b'"2.0"'), None, "not supported"),
+        (ev.encode().replace(b'"1.1"', b'"2.0"'), None, "not supported"),
         (ev.encode(), b"sva.health.other", "differs"),
     ]:
         with pytest.raises(BusError, match=msg):

@@ -50,7 +50,8 @@ def test_alert_mapping_is_what_the_bus_documents() -> None:
     assert m["rule"] == {"id": "R1", "name": "Miner", "version": "2"}
     assert (m["severity"], m["title"], m["mitre"]) == ("high", "miner", ["T1496", "T1059.004"])
     assert m["process"] == {"pid": 102, "comm": "xmrig", "ppid": 1, "uid": 33,
-                            "cmdline": "/tmp/xmrig -o stratum+tcp://x:1", "path": "/tmp/xmrig"}  # fmt: skip
+                            "cmdline": "/tmp/xmrig -o stratum+tcp://x:1", "path": "/tmp/xmrig",
+                            "start_time": 102000}  # fmt: skip
     assert (m["signature_bundle"], m["cycle"], m["uid"], m["time"]) == ("2025.11.0", 3, "u-1", 110.0)
     alert_payload(m)  # the bus accepts it as is
 
@@ -64,6 +65,7 @@ def test_alert_event_payload_is_a_valid_ocsf_finding_with_sva_extras() -> None:
     assert (sva["first_seen"], sva["last_seen"], sva["emitted"]) == (100_000, 110_000, 110_500)
     assert sva["vm"]["boot_id"] == "b-1"
     assert sva["parent"] == {"pid": 1, "comm": "init"}
+    assert sva["process"]["start_time"] == 102000 and "start_time" not in p["evidences"][0]["process"]
     assert p["evidences"][0]["process"]["parent_process"] == {"pid": 1, "name": "init"}
     assert p["finding_info"]["uid"] == "u-1"
     assert p["finding_info"]["first_seen_time"] == 100_000
