@@ -15,6 +15,7 @@ kernel build pay for it once (see `shared_kernel_table`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import struct
@@ -137,7 +138,7 @@ class GuestContext:
         self.symbol_table: SymbolTable | None = None  # where the table came from, set by attach
         ctx = contexts.Context()
         ctx.add_layer(BackendLayer(ctx, "sva.memory", PHYSICAL_LAYER, backend))
-        table = shared_kernel_table(isf_path)
+        table = context_view(shared_kernel_table(isf_path))
         # The table lives in a context of its own (see shared_kernel_table); this context's
         # configuration says the same, for plugins that read a table's settings from it.
         ctx.config[f"{TABLE_CONFIG_PATH}.isf_url"] = isf_path
@@ -269,6 +270,19 @@ def shared_kernel_table(isf_url: str) -> Any:
         return table
 
 
+def context_view(shared: Any) -> Any:
+    """The shared table as one context uses it: the same parsed ISF, class types and
+    address index, with a symbol cache of its own. volatility3 resolves a cached symbol's
+    type in place, within the context that asked, into a graph that may loop (a struct
+    pointing at its own type); another context resolving that same object again would
+    recurse without end. The view keeps the shared table alive."""
+    view = copy.copy(shared)
+    view._delegate = copy.copy(shared._delegate)
+    view._delegate._symbol_cache = {}
+    view._shared = shared
+    return view
+
+
 def loaded_kernel_tables() -> list[str]:
     """The ISF files (paths or URLs) whose tables are loaded now, for metrics and tests."""
     with _TABLES_LOCK:
@@ -318,9 +332,11 @@ def _build_kernel_table(isf_url: str) -> Any:
     holder.config[f"{TABLE_CONFIG_PATH}.symbol_mask"] = SYMBOL_MASK
     # validate=False: the table was checked against volatility3's schema when built;
     # validating a kernel-sized table again costs tens of seconds per attach.
-    return _shared_table_class()(
+    table = _shared_table_class()(
         holder, TABLE_CONFIG_PATH, name=KERNEL_MODULE, isf_url=isf_url, validate=False, symbol_mask=SYMBOL_MASK
     )
+    table.get_symbols_by_location(0)  # the address index, built once for every context's view
+    return table
 
 
 def _table_json(table: Any, isf_path: str) -> dict[str, Any]:

@@ -66,9 +66,16 @@ def test_two_guests_of_one_kernel_share_the_table(lab_guest: LabGuest, second_gu
         one, two = contexts
         assert one.symbol_table is not None and two.symbol_table is not None
         assert one.symbol_table.path == two.symbol_table.path, "the lab guests should run one kernel"
-        table = one.context.symbol_space["kernel"]
-        assert two.context.symbol_space["kernel"] is table
+        table = one.context.symbol_space["kernel"]._shared
+        assert two.context.symbol_space["kernel"]._shared is table
+        assert one.context.symbol_space["kernel"]._sort_symbols is two.context.symbol_space["kernel"]._sort_symbols
         assert one.isf is two.isf
+        # A typed symbol whose type points at itself (struct ftrace_ops.next), looked up in
+        # both: each context resolves its own copy of the type (a shared one looped forever).
+        for gc in (one, two, one):
+            ops = gc.module.get_symbol("ftrace_ops_list")
+            assert ops.type is not None and gc.module.get_type("ftrace_ops").has_member("next")
+        del gc, ops  # (they would keep a context alive for the check at the end)
         assert one.context is not two.context and one.module is not two.module
         key = str(one.symbol_table.path.resolve())
         assert key in loaded_kernel_tables()
