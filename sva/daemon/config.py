@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping

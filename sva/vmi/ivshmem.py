@@ -145,6 +145,12 @@ class IvshmemBackend(QemuBackend):
         self.spec = spec
         super().__init__(spec.qmp, target=target, timeout=timeout, qmp=qmp, ram_path=spec.ram_path)
 
+    def _copy_run(self, off: int, dst: memoryview, gpa: int) -> None:
+        """From the mapping: a memory BAR has no read(), only mmap."""
+        if off + len(dst) > len(self._mv):
+            raise MemoryAccessError(gpa, len(dst), f"{self.path} ends at offset 0x{len(self._mv):x}")
+        dst[:] = self._mv[off : off + len(dst)]
+
     def _read_live(self, gpa: int, out: memoryview) -> int:
         """Copy from the mapping: a memory BAR has no read(), only mmap."""
         pos = 0

@@ -125,11 +125,9 @@ class PageSnapshot:
 def page_runs(pfns: Iterable[int], limit: int = MAX_SNAPSHOT_PAGES) -> list[tuple[int, int]]:
     """Sorted (first page, count) runs of consecutive page numbers, at most `limit` pages."""
     runs: list[tuple[int, int]] = []
-    total = 0
-    for pfn in sorted(pfns):
+    for total, pfn in enumerate(sorted(pfns)):
         if total >= limit:
             break
-        total += 1
         if runs and runs[-1][0] + runs[-1][1] == pfn:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:

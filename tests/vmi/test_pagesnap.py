@@ -49,9 +49,8 @@ def test_overlay_serves_the_copy_and_records_live_reads_as_misses(bare_vm) -> No
             view = b.view(10 * PAGE_SIZE, 32)
             assert bytes(view) == b"\xa1" * 32 and view.readonly
             assert b.regs(0) == snap.registers[0]
-            with pytest.raises(TargetError, match="already"):
-                with b.overlay(snap):
-                    pass
+            with pytest.raises(TargetError, match="already"), b.overlay(snap):
+                pass
         assert snap.touched == {10, 11, 20} and snap.missed == {20}
         assert not snap.consistent and not snap.registers_missed
         assert b.read(10 * PAGE_SIZE, 4) == b"\xb2" * 4  # outside the overlay: live again
