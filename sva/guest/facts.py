@@ -33,6 +33,8 @@ class GuestSession:
         self._gc: GuestContext | None = None
         self._cycle: tuple[int, int] = (-1, 0)
         self._boot_id: str | None = None
+        self._jiffies: int | None = None  # the guest's jiffies_64 at the last boot_id
+        self._boots = 0  # reboots seen by this session (jiffies went back)
 
     def attach(self, backend: Any) -> GuestContext:
         """Build the context ahead of the first cycle, so that the symbol work (seconds)
@@ -57,12 +59,19 @@ class GuestSession:
         return self._gc
 
     def boot_id(self, ctx: FactContext) -> str:
-        """The kernel build and its placement in RAM, and the start time of the first
-        task after init_task (pid 1): a reset that happens to place the kernel where the
-        last boot did still gets a new id (nanoseconds since boot differ from boot to boot)."""
+        """The kernel build and its placement in RAM, the start time of the first task
+        after init_task (pid 1), and how many times this session saw the guest's jiffies
+        go back (a reboot starts them again). A reset can place the kernel where the last
+        boot did, and early in boot the clock may tick in whole jiffies, so that pid 1
+        starts at the same time as last boot: the jiffies going back still tell."""
         gc = self.context_for(ctx)
+        jiffies = _read_symbol_u64(gc, "jiffies_64")
+        if jiffies is not None:
+            if self._jiffies is not None and jiffies < self._jiffies:
+                self._boots += 1
+            self._jiffies = jiffies
         p = gc.placement
-        raw = f"{p.banner}|{p.virtual_slide:x}|{p.phys_base:x}|{_first_task_start(gc)}".encode()
+        raw = f"{p.banner}|{p.virtual_slide:x}|{p.phys_base:x}|{_first_task_start(gc)}|{self._boots}".encode()
         self._boot_id = hashlib.sha256(raw).hexdigest()[:16]
         return self._boot_id
 
@@ -101,6 +110,18 @@ def release_resident(backend: Any) -> None:
     release = getattr(backend, "release_resident", None)
     if release is not None:
         release()
+
+
+def _read_symbol_u64(gc: GuestContext, name: str) -> int | None:
+    """The 64-bit value at kernel symbol `name` (None if it cannot be read)."""
+    from sva.guest.processes import ADDRESS_MASK
+
+    try:
+        address = int(gc.isf["symbols"][name]["address"]) + gc.placement.virtual_slide
+        layer = gc.context.layers[gc.module.layer_name]
+        return int.from_bytes(layer.read(address & ADDRESS_MASK, 8), "little")
+    except Exception:  # noqa: BLE001 - no such symbol, or unreadable: not used then
+        return None
 
 
 def _first_task_start(gc: GuestContext) -> int | None:
