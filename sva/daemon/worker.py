@@ -30,10 +30,11 @@ from typing import Any
 from sva.bus.event import Event, EventType
 from sva.daemon.config import TargetConfig
 from sva.daemon.metrics import Metrics
-from sva.errors import SvaError
+from sva.errors import SvaError, SymbolsError
 
 log = logging.getLogger("sva.daemon.worker")
 _REATTACH_DEGRADED_S = 10.0
+VIEW_CHECK_S = 2.0  # how often a worker checks that its context still reads the running kernel
 
 
 class WorkerState(enum.StrEnum):
@@ -104,6 +105,8 @@ class VmWorker:
         self.cycles = 0
         self.attaches = 0
         self._engine: Any = None
+        self._session: Any = None
+        self._view_checked = 0.0
         self._backend: Any = None
         self._ident: tuple[int, int] | None = None
         self._over_budget = False
@@ -224,6 +227,9 @@ class VmWorker:
         if any(h.details.get("reason") == "reboot" for h in report.health):
             self._detach()  # a new boot: new symbols and context on the next attach
             return
+        if self._stale_view():
+            self._detach()
+            return
         # Attached while the guest was still booting, the symbols/context can be unusable
         # for good (page tables of early boot): a fresh session fixes that. Bounded: at
         # most once per _REATTACH_DEGRADED_S, for a detector that can never run here.
@@ -236,6 +242,27 @@ class VmWorker:
             return
         self._budget(took, interval, budget)
         self._stop.wait(max(0.0, max(interval, took / budget) - took))
+
+    def _stale_view(self) -> bool:
+        """Every VIEW_CHECK_S: are the kernel page tables this context reads still the ones
+        the vCPU uses? A reset keeps RAM: a context of the last boot can go on reading its
+        leftovers, a consistent picture of a kernel that no longer runs. The kernel half of
+        CR3's top-level table tells (as at attach); a mismatch means attach afresh."""
+        from sva.guest.context import _check_dtb_against_cr3
+
+        gc = getattr(self._session, "_gc", None)
+        if gc is None or time.monotonic() - self._view_checked < VIEW_CHECK_S:
+            return False
+        self._view_checked = time.monotonic()
+        try:
+            _check_dtb_against_cr3(self._backend, gc.placement.dtb)
+        except SymbolsError as e:
+            log.info("%s: the kernel changed under the context (a reset?): %s; attaching afresh", self.name, e,
+                     extra={"event": {"vm": self.name, "reason": "stale-view"}})  # fmt: skip
+            return True
+        except SvaError as e:  # registers unreadable now: the next cycle will tell
+            log.debug("%s: page table check: %s", self.name, e)
+        return False
 
     def _release_mapping(self) -> None:
         """The guest RAM pages this cycle's sweeps mapped count in the daemon's RSS until
@@ -286,7 +313,7 @@ class VmWorker:
         try:
             if scan.resume_paused:
                 self._resume_if_paused(backend)
-            engine, _session = assemble_engine(
+            engine, session = assemble_engine(
                 self.target.uri, backend, [self._sink], vm_name=self.name, rules=[str(r) for r in scan.rules],
                 detectors=list(scan.detectors) or None, signature_scan=YaraMemoryScan(rules=rules, min_interval=scan.yara_period),
                 sweep_every=scan.sweep_every, signature_bundle=self._sig_version,
@@ -295,6 +322,7 @@ class VmWorker:
             backend.close()
             raise
         self._backend, self._engine, self._ident = backend, engine, ident
+        self._session, self._view_checked = session, time.monotonic()
         self._degraded, self._attached_at = 0, time.monotonic()
         self.attaches += 1
         self._metrics.inc("sva_vm_attaches_total", vm=self.name)
@@ -314,7 +342,7 @@ class VmWorker:
 
     def _detach(self) -> None:
         engine, backend = self._engine, self._backend
-        self._engine = self._backend = None
+        self._engine = self._backend = self._session = None
         self._ident = None
         self._metrics.set("sva_vm_up", 0, vm=self.name)
         if engine is not None:

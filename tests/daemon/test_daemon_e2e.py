@@ -334,7 +334,10 @@ def test_guest_reset_in_place_is_followed_and_still_detected(env: Env) -> None:
     mark = env.collector.snapshot()[-1].seq  # type: ignore[union-attr]
     lab.reset(env.infected)
     seen = _wait_scripted(env, mark, 150)
-    assert all(seen.values()), seen
+    if not all(seen.values()):  # what the daemon and the guest said, for the report
+        ps = [p.args for p in lab.ps(env.infected)]
+        log = [line for line in env.out if env.infected in line][-40:]
+        raise AssertionError(f"{seen}; guest ps: {ps}; daemon log: {log}")
     after = [e for e in env.collector.snapshot() if e.seq > mark]  # type: ignore[union-attr]
     # the new boot was noticed (a new boot id, or a fresh attach once the old context
     # stopped working) and nothing was declared destroyed
