@@ -31,7 +31,7 @@ from typing import Any
 
 from sva.daemon.config import DaemonConfig, NetworkConfig, TargetConfig, default_name, load
 from sva.daemon.metrics import Metrics, MetricsServer, MetricType
-from sva.daemon.worker import SharedSink, VmWorker
+from sva.daemon.worker import ServiceThread, SharedSink, VmWorker
 from sva.errors import BusError, SvaError
 
 log = logging.getLogger("sva.daemon")
@@ -65,7 +65,7 @@ def _families(m: Metrics) -> None:
         m.family(name, kind, text)
 
 
-class NetService:
+class NetService(ServiceThread):
     """One NetMonitor on one source in a thread; reopens the source when it fails."""
 
     def __init__(self, cfg: NetworkConfig, *, sink: Any, metrics: Metrics, retry: float = 2.0) -> None:
@@ -74,20 +74,9 @@ class NetService:
         self._sink = SharedSink(sink)
         self._metrics = metrics
         self._retry = retry
-        self._stop = threading.Event()
+        super().__init__(f"sva-net-{cfg.name}")
         self.monitor: Any = None
         self._base = (0, 0)  # counters of earlier (failed) monitors: totals stay monotonic
-        self._thread = threading.Thread(target=self._main, name=f"sva-net-{cfg.name}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def counters(self) -> tuple[int, int]:
         mon = self.monitor

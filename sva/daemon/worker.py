@@ -30,7 +30,7 @@ from typing import Any
 from sva.bus.event import Event, EventType
 from sva.daemon.config import TargetConfig
 from sva.daemon.metrics import Metrics
-from sva.errors import SvaError, SymbolsError
+from sva.errors import SvaError
 
 log = logging.getLogger("sva.daemon.worker")
 _REATTACH_DEGRADED_S = 10.0
@@ -87,7 +87,32 @@ def _identity(path: Path | None) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-class VmWorker:
+class ServiceThread:
+    """A part of the daemon that runs `_main` in a thread of its own until `stop()`."""
+
+    def __init__(self, thread_name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=thread_name, daemon=True)
+
+    def _main(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class VmWorker(ServiceThread):
     """Runs Engine cycles on one target until stopped (see the module docstring)."""
 
     def __init__(self, target: TargetConfig, *, sink: Any, metrics: Metrics, rules: Callable[[], Any] | None,
@@ -100,7 +125,7 @@ class VmWorker:
         self._rules = rules
         self._sig_version = signature_version
         self._on_destroyed = on_destroyed
-        self._stop = threading.Event()
+        super().__init__(f"sva-vm-{self.name}")
         self.state = WorkerState.STARTING
         self.cycles = 0
         self.attaches = 0
@@ -114,26 +139,11 @@ class VmWorker:
         self.forgotten = False  # set by the supervisor for a destroyed discovered VM
         self._degraded = 0  # cycles in a row where a detector could not run
         self._attached_at = 0.0
-        self._thread = threading.Thread(target=self._main, name=f"sva-vm-{self.name}", daemon=True)
 
     # -- control --------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
     def reload_rules(self) -> None:
         """Re-read the rule files before the next cycle (SIGHUP); a bad file keeps the old set."""
         self._want_rules.set()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     # -- the loop ---------------------------------------------------------------------------
     def _main(self) -> None:
@@ -248,21 +258,18 @@ class VmWorker:
         the vCPU uses? A reset keeps RAM: a context of the last boot can go on reading its
         leftovers, a consistent picture of a kernel that no longer runs. The kernel half of
         CR3's top-level table tells (as at attach); a mismatch means attach afresh."""
-        from sva.guest.context import _check_dtb_against_cr3
-
-        gc = getattr(self._session, "_gc", None)
-        if gc is None or time.monotonic() - self._view_checked < VIEW_CHECK_S:
+        if self._session is None or time.monotonic() - self._view_checked < VIEW_CHECK_S:
             return False
         self._view_checked = time.monotonic()
         try:
-            _check_dtb_against_cr3(self._backend, gc.placement.dtb)
-        except SymbolsError as e:
-            log.info("%s: the kernel changed under the context (a reset?): %s; attaching afresh", self.name, e,
-                     extra={"event": {"vm": self.name, "reason": "stale-view"}})  # fmt: skip
-            return True
+            if self._session.reads_running_kernel():
+                return False
         except SvaError as e:  # registers unreadable now: the next cycle will tell
             log.debug("%s: page table check: %s", self.name, e)
-        return False
+            return False
+        log.info("%s: the kernel's page tables changed under the context (a reset?); attaching afresh", self.name,
+                 extra={"event": {"vm": self.name, "reason": "stale-view"}})  # fmt: skip
+        return True
 
     def _release_mapping(self) -> None:
         """The guest RAM pages this cycle's sweeps mapped count in the daemon's RSS until

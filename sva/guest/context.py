@@ -199,6 +199,15 @@ class GuestContext:
         if vmlinux.has_symbol("_stext"):
             vmlinux.get_symbols_by_absolute_location(vmlinux.get_symbol("_stext").address + vmlinux.offset)
 
+    def reads_running_kernel(self) -> bool:
+        """The check made at attach, again: does the kernel half of CR3's top-level table
+        still equal this context's DTB's? (See GuestSession.reads_running_kernel.)"""
+        try:
+            _check_dtb_against_cr3(self.backend, self.placement.dtb)
+        except SymbolsError:
+            return False
+        return True
+
     def begin_cycle(self) -> None:
         """Forget cached page tables: the guest ran since the last cycle; and drop the
         per-process layers the last cycle added."""

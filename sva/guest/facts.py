@@ -32,7 +32,6 @@ class GuestSession:
         self._options = symbol_options
         self._gc: GuestContext | None = None
         self._cycle: tuple[int, int] = (-1, 0)
-        self._boot_id: str | None = None
         self._jiffies: int | None = None  # the guest's jiffies_64 at the last boot_id
         self._boots = 0  # reboots seen by this session (jiffies went back)
 
@@ -41,7 +40,6 @@ class GuestSession:
         happens while the guest runs rather than inside the first freeze."""
         self._gc = GuestContext.attach(backend, **self._options)
         self._gc.warm_up()
-        self._boot_id = None
         release_resident(backend)  # the kernel search mapped the whole RAM
         return self._gc
 
@@ -52,7 +50,6 @@ class GuestSession:
             self._gc = None  # the engine reattached to a new backend (VM restarted)
         if self._gc is None:
             self._gc = GuestContext.attach(backend, **self._options)  # type: ignore[arg-type]
-            self._boot_id = None
         if self._cycle != (ctx.cycle, ctx.attempt):  # a new cycle, or the engine redoes one
             self._cycle = (ctx.cycle, ctx.attempt)
             self._gc.begin_cycle()
@@ -72,8 +69,14 @@ class GuestSession:
             self._jiffies = jiffies
         p = gc.placement
         raw = f"{p.banner}|{p.virtual_slide:x}|{p.phys_base:x}|{_first_task_start(gc)}|{self._boots}".encode()
-        self._boot_id = hashlib.sha256(raw).hexdigest()[:16]
-        return self._boot_id
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    def reads_running_kernel(self) -> bool:
+        """False when the context's kernel page tables are no longer the ones the vCPU
+        uses (a reset keeps RAM, so a context of the last boot can go on reading its
+        leftovers); True when they are, or when there is no context or no registers to
+        tell. Raises SvaError when the registers cannot be read now."""
+        return self._gc is None or self._gc.reads_running_kernel()
 
     def provider(
         self,
@@ -127,10 +130,10 @@ def _read_symbol_u64(gc: GuestContext, name: str) -> int | None:
 def _first_task_start(gc: GuestContext) -> int | None:
     """start_time of the task after init_task on the task list (None before there is one
     or when it cannot be read): fixed for a boot."""
-    from sva.guest.processes import ADDRESS_MASK, TaskLayout
+    from sva.guest.processes import ADDRESS_MASK, task_layout
 
     try:
-        lay = TaskLayout.from_isf(gc.isf, gc.placement.virtual_slide)
+        lay = task_layout(gc)
         layer = gc.context.layers[gc.module.layer_name]
         head = (lay.init_task + lay.tasks) & ADDRESS_MASK
         link = int.from_bytes(layer.read(head, 8), "little") & ADDRESS_MASK
